@@ -1,0 +1,126 @@
+"""Scheduler-side hooks: residual slots beside SGLang's base slots, shared-base reuse, admission.
+
+They wrap SGLang's `alloc_for_extend` / `alloc_for_decode` (as imported by schedule_batch) and
+`PrefillAdder.add_one_req`; each does nothing unless the batch's tree cache is a DualRadixTree.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_forkkv.metrics import STATS
+from sglang_forkkv.req_state import fork_state
+from sglang_forkkv.tree import DualRadixTree
+
+logger = logging.getLogger(__name__)
+
+
+def alloc_residual_slots(tree: DualRadixTree, n: int) -> torch.Tensor:
+    """n residual slots, evicting unlocked residual entries (LRU) if the pool is short."""
+    allocator = tree.residual_pool.allocator
+    slots = allocator.alloc(n)
+    if slots is None:
+        tree.evict_residual(n - allocator.available_size())
+        slots = allocator.alloc(n)
+    if slots is None:
+        raise RuntimeError(
+            f"forkkv residual pool exhausted: need {n} slots, {allocator.available_size()} free, "
+            f"{tree.residual_evictable_size()} evictable; raise --forkkv-residual-ratio"
+        )
+    return slots
+
+
+def after_alloc_for_extend(batch, result):
+    """Point shared-base positions at the tree's slots and give adapter requests residual slots."""
+    tree = batch.tree_cache
+    if not isinstance(tree, DualRadixTree):
+        return result
+    out_cache_loc = result[0]
+    pool = tree.residual_pool
+    req_to_token = batch.req_to_token_pool.req_to_token
+    pt = 0
+    for req, prefix_len, extend_len in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
+        state = fork_state(req)
+        idx = req.req_pool_idx
+        shared = 0
+        if state is not None and len(state.base_reuse):
+            shared = min(len(state.base_reuse), extend_len)
+            reuse = state.base_reuse[:shared]
+            # The allocator handed out a slot for every extend token; the shared positions keep the
+            # tree's slot instead, so theirs go straight back.
+            tree.token_to_kv_pool_allocator.free(out_cache_loc[pt : pt + shared].clone())
+            out_cache_loc[pt : pt + shared] = reuse.to(out_cache_loc.dtype)
+            req_to_token[idx, prefix_len : prefix_len + shared] = reuse.to(req_to_token.dtype)
+        pool.req_base_write_from[idx] = prefix_len + shared
+        if state is not None and state.residual_key is not None:
+            assert len(state.residual_prefix) == prefix_len, (len(state.residual_prefix), prefix_len)
+            rtable = pool.req_to_residual
+            rtable[idx, :prefix_len] = state.residual_prefix.to(rtable.dtype)
+            rtable[idx, prefix_len : prefix_len + extend_len] = alloc_residual_slots(tree, extend_len).to(rtable.dtype)
+        if state is not None and not state.hits_counted and not req.retracted_stain:
+            state.hits_counted = True
+            # cached_tokens counts base entries this request did not write; SGLang adds prefix_len later.
+            req.cached_tokens += shared
+            STATS.record_prefill(
+                base_hit=prefix_len + shared,
+                residual_hit=prefix_len if state.residual_key is not None else 0,
+                has_adapter=state.residual_key is not None,
+            )
+        pt += extend_len
+    return result
+
+
+def after_alloc_for_decode(batch, out_cache_loc):
+    """One residual slot for the new token of every adapter request."""
+    tree = batch.tree_cache
+    if not isinstance(tree, DualRadixTree):
+        return out_cache_loc
+    rows, positions = [], []
+    for req, seq_len in zip(batch.reqs, batch.seq_lens_cpu.tolist()):
+        state = fork_state(req)
+        if state is not None and state.residual_key is not None:
+            rows.append(req.req_pool_idx)
+            positions.append(seq_len)
+    if rows:
+        slots = alloc_residual_slots(tree, len(rows))
+        rtable = tree.residual_pool.req_to_residual
+        rtable[torch.tensor(rows), torch.tensor(positions)] = slots.to(rtable.dtype)
+    return out_cache_loc
+
+
+def residual_need(req) -> int:
+    """Residual slots a waiting request takes until it finishes (0 without an adapter)."""
+    state = fork_state(req)
+    if state is None or state.residual_key is None:
+        return 0
+    return len(req.full_untruncated_fill_ids) - len(req.prefix_indices) + req.sampling_params.max_new_tokens
+
+
+def running_residual_reserve(running_batch) -> int:
+    if running_batch is None:
+        return 0
+    total = 0
+    for req in running_batch.reqs:
+        state = fork_state(req)
+        if state is not None and state.residual_key is not None:
+            total += max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
+    return total
+
+
+def residual_admits(adder, req) -> bool:
+    """Whether the residual pool can hold this request beside what the adder already took."""
+    tree = adder.tree_cache
+    if not isinstance(tree, DualRadixTree):
+        return True
+    need = residual_need(req)
+    if need == 0:
+        return True
+    if not hasattr(adder, "_forkkv_reserved"):
+        adder._forkkv_reserved = running_residual_reserve(adder.running_batch)
+    room = tree.residual_pool.allocator.available_size() + tree.residual_evictable_size()
+    if adder._forkkv_reserved + need > room:
+        return False
+    adder._forkkv_reserved += need
+    return True
