@@ -49,9 +49,11 @@ class ForkKVTorchAttnBackend(TorchNativeAttnBackend):
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim or layer.sliding_window_size not in (None, -1):
             raise ValueError(f"forkkv attention supports causal self-attention only (layer {layer.layer_id})")
         plan = self.plan
-        residual = CAPTURE.take()
+        residual, eager = CAPTURE.take()
         if save_kv_cache:
             self._store(layer, forward_batch, k, v, residual, plan)
+            for write, values in zip(plan.eager, eager, strict=True):
+                self.residual_pool.write(layer.layer_id, write.slots, values)
 
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q_)

@@ -31,6 +31,17 @@ def split_qkv_lora_a(a_out: torch.Tensor, token_rank: torch.Tensor, max_rank: in
     return q_only, residual
 
 
+def eager_residual(a_buffer: torch.Tensor, x: torch.Tensor, write, max_rank: int) -> torch.Tensor:
+    """x·A of another adapter's k and v for some tokens, in the residual layout [n, 2 R_MAX]."""
+    r = write.rank
+    a_kv = a_buffer[write.lora_slot, r : 3 * r]  # rows: k then v, r each
+    # Scaled as this LoRA backend scales its own x·A (factor 1.0 where the scaling waits for B).
+    kv = (x[write.rows] @ a_kv.T) * write.factor
+    out = x.new_zeros(len(write.rows), 2 * max_rank)
+    out[:, :r], out[:, max_rank : max_rank + r] = kv[:, :r], kv[:, r:]
+    return out
+
+
 def qkv_apply_lora(layer, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Replacement of QKVParallelLinearWithLoRA.apply_lora while a forkkv plan is active."""
     plan = CAPTURE.plan
@@ -38,6 +49,7 @@ def qkv_apply_lora(layer, base_output: torch.Tensor, x: torch.Tensor) -> torch.T
     a_out = backend.run_lora_a_sgemm(x=x, weights=layer.A_buffer_qkv, stack_num=3)
     max_rank = layer.A_buffer_qkv.shape[1] // 3
     q_only, CAPTURE.residual = split_qkv_lora_a(a_out, plan.token_rank, max_rank)
+    CAPTURE.eager = [eager_residual(layer.A_buffer_qkv, x, write, max_rank) for write in plan.eager]
     return backend.run_lora_b_sgemm(
         x=q_only,
         weights=layer.B_buffer_qkv,

@@ -18,13 +18,26 @@ class ResidualCapture:
     def __init__(self):
         self.plan: Optional["ForkKVPlan"] = None
         self.residual: Optional[torch.Tensor] = None
+        self.eager: list = []  # one [n, 2 * R_MAX] tensor per plan.eager entry
 
-    def take(self) -> Optional[torch.Tensor]:
-        residual, self.residual = self.residual, None
-        return residual
+    def take(self):
+        residual, eager = self.residual, self.eager
+        self.residual, self.eager = None, []
+        return residual, eager
 
 
 CAPTURE = ResidualCapture()
+
+
+@dataclasses.dataclass
+class EagerWrite:
+    """Eager mode: residuals of adapter `lora_slot` for batch tokens `rows`, into residual `slots`."""
+
+    rows: torch.Tensor
+    lora_slot: int
+    rank: int
+    factor: float  # multiplies x·A at write time: the adapter's scaling where the backend folds it
+    slots: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -45,6 +58,7 @@ class ForkKVPlan:
     write_base: Optional[torch.Tensor]  # None: every token writes its base entry
     residual_rows: torch.Tensor
     residual_slots: torch.Tensor
+    eager: list = dataclasses.field(default_factory=list)  # [EagerWrite]
 
     @property
     def any_adapter(self) -> bool:
@@ -54,15 +68,16 @@ class ForkKVPlan:
     def build(cls, forward_batch, lora_manager, residual_pool, scaling_folded: bool) -> "ForkKVPlan":
         bs = forward_batch.batch_size
         lora_slot, rank, scaling = [-1] * bs, [0] * bs, [1.0] * bs
-        if lora_manager is not None and forward_batch.lora_ids is not None:
-            buffer_ids = lora_manager.memory_pool.uid_to_buffer_id
+        buffer_ids = lora_manager.memory_pool.uid_to_buffer_id if lora_manager is not None else {}
+
+        def adapter(uid):
+            lora = lora_manager.loras[uid]
+            return buffer_ids[uid], lora.config.r, 1.0 if scaling_folded else float(lora.scaling)
+
+        if forward_batch.lora_ids is not None:
             for i, uid in enumerate(forward_batch.lora_ids):
-                if uid is None or uid not in buffer_ids:
-                    continue
-                lora = lora_manager.loras[uid]
-                lora_slot[i] = buffer_ids[uid]
-                rank[i] = lora.config.r
-                scaling[i] = 1.0 if scaling_folded else float(lora.scaling)
+                if uid is not None and uid in buffer_ids:
+                    lora_slot[i], rank[i], scaling[i] = adapter(uid)
 
         device = residual_pool.req_to_residual.device
         req_rows = forward_batch.req_pool_indices.to(torch.int64)
@@ -89,4 +104,17 @@ class ForkKVPlan:
         residual_slots = residual_pool.req_to_residual[
             req_rows[token_req[residual_rows]], positions[residual_rows]
         ].to(torch.int64)
-        return cls(lora_slot, rank, scaling, token_rank, write_base, residual_rows, residual_slots)
+        eager = []
+        if residual_pool.eager_writes and not forward_batch.forward_mode.is_decode():
+            offsets = [0] + torch.cumsum(counts, 0).tolist()
+            for i, row in enumerate(req_rows.tolist()):
+                for uid, slots in residual_pool.eager_writes.pop(row, ()):
+                    if uid not in buffer_ids:
+                        residual_pool.eager_failed.add((row, uid))
+                        continue
+                    assert len(slots) == offsets[i + 1] - offsets[i], (len(slots), offsets[i + 1] - offsets[i])
+                    rows = torch.arange(offsets[i], offsets[i + 1], device=device)
+                    lora = lora_manager.loras[uid]
+                    factor = float(lora.scaling) if scaling_folded else 1.0
+                    eager.append(EagerWrite(rows, buffer_ids[uid], lora.config.r, factor, slots.to(device)))
+        return cls(lora_slot, rank, scaling, token_rank, write_base, residual_rows, residual_slots, eager)

@@ -48,6 +48,11 @@ def load_plugin():
         "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool", _create_residual_pool, HookType.AFTER
     )
     HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        _charge_residual_bytes,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
         "sglang.srt.lora.layers.QKVParallelLinearWithLoRA.apply_lora", _qkv_apply_lora, HookType.AROUND
     )
     HookRegistry.register(
@@ -62,6 +67,11 @@ def load_plugin():
     )
     HookRegistry.register(
         "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _add_one_req, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem",
+        lambda result, batch, selected_indices=None: result and scheduling.residual_fits_decode(batch, selected_indices),
+        HookType.AFTER,
     )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state", _internal_state, HookType.AFTER
@@ -99,18 +109,16 @@ def _strip_lora_from_extra_key(result, req, *args, **kwargs):
 def _create_residual_pool(result, runner, *args, **kwargs):
     from sglang_forkkv.config import ForkKVConfig, is_enabled
     from sglang_forkkv.model_check import check_model_supported
-    from sglang_forkkv.pool import ResidualPool
+    from sglang_forkkv.pool import ResidualPool, lora_max_rank
 
     server_args = runner.server_args
     if not is_enabled(server_args) or getattr(runner, "forkkv_residual_pool", None) is not None:
         return
     check_model_supported(runner.model)
     config = ForkKVConfig.from_server_args(server_args)
-    lora_manager = getattr(runner, "lora_manager", None)
-    max_rank = lora_manager.max_lora_rank if lora_manager is not None else 0
     kv_pool = runner.token_to_kv_pool
     num_layers = len(kv_pool.k_buffer)
-    max_rank = max(max_rank or 0, 1)
+    max_rank = max(lora_max_rank(runner.model), 1)
     pool = ResidualPool(
         num_slots=int(runner.max_total_num_tokens * config.residual_ratio),
         max_rank=max_rank,
@@ -131,6 +139,20 @@ def _create_residual_pool(result, runner, *args, **kwargs):
     )
 
 
+def _charge_residual_bytes(original, configurator, kvc, num_layers):
+    """Bytes per base token, residual share included, so a memory-fraction-sized pool stays within budget
+    and max_total_num_tokens reports the base tokens that really fit."""
+    from sglang_forkkv.config import ForkKVConfig, is_enabled
+    from sglang_forkkv.pool import ResidualPool, lora_max_rank
+
+    cell = original(configurator, kvc, num_layers)
+    if not is_enabled(kvc.server_args):
+        return cell
+    config = ForkKVConfig.from_server_args(kvc.server_args)
+    residual = ResidualPool.bytes_per_slot(max(lora_max_rank(kvc.model), 1), num_layers, kvc.kv_cache_dtype)
+    return cell + int(residual * config.residual_ratio)
+
+
 def _qkv_apply_lora(original, layer, base_output, x):
     from sglang_forkkv.lora import qkv_apply_lora
     from sglang_forkkv.plan import CAPTURE
@@ -149,7 +171,7 @@ def _make_tree(ctx):
         raise ValueError("--radix-cache-backend forkkv is selected by --forkkv; do not pass it alone")
     _ACTIVE["on"] = True
     _ACTIVE["enable_metrics"] = bool(ctx.server_args.enable_metrics)
-    return DualRadixTree(ctx.params, pool, runner.forkkv_config)
+    return DualRadixTree(ctx.params, pool, runner.forkkv_config, getattr(runner, "lora_manager", None))
 
 
 def _add_one_req(original, adder, req, *args, **kwargs):

@@ -19,6 +19,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def lora_max_rank(model: torch.nn.Module) -> int:
+    """R_MAX: the rank SGLang's LoRA buffers are padded to (0 when LoRA is off), read off the qkv A buffer."""
+    for module in model.modules():
+        a_buffer = getattr(module, "A_buffer_qkv", None)
+        if a_buffer is not None:
+            return a_buffer.shape[1] // 3
+    return 0
+
+
 class ResidualAllocator:
     """Free list of residual slots 1..size (slot 0 is the dummy)."""
 
@@ -79,6 +88,11 @@ class ResidualPool:
         self.allocator = ResidualAllocator(num_slots, device)
         self.req_to_residual = torch.zeros(max_reqs, max_context_len, dtype=torch.int32, device=device)
         self.req_base_write_from = torch.zeros(max_reqs, dtype=torch.int64, device=device)
+        # Eager mode hand-offs between the scheduler and the next forward, keyed by request row:
+        # [(lora_id, residual slots of the row's extend tokens)] to write, and the rows whose adapter
+        # left the LoRA buffer before the forward (their slots are freed, not inserted).
+        self.eager_writes: dict[int, list] = {}
+        self.eager_failed: set = set()
         logger.info(
             "forkkv residual pool: %d slots x %d layers x %d columns (%s) = %.1f MiB",
             num_slots, num_layers, 2 * max_rank, dtype, self.nbytes() / 2**20,

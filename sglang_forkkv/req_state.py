@@ -19,6 +19,17 @@ import torch
 
 
 @dataclasses.dataclass
+class EagerResidual:
+    """Residuals one request writes for another resident adapter (eager mode) over [start, start + len(slots))."""
+
+    residual_key: str
+    prefix: torch.Tensor  # that adapter's residual slots of [0, start), locked via `lock`
+    slots: torch.Tensor  # residual slots this request fills, owned by it until inserted
+    start: int
+    lock: object  # residual node at depth `start`, locked until the insert
+
+
+@dataclasses.dataclass
 class ReqForkState:
     residual_key: Optional[str]  # residual-tree namespace, None for a request without an adapter
     base_len: int  # positions [0, base_len) have base entries in the tree
@@ -26,6 +37,7 @@ class ReqForkState:
     base_reuse: torch.Tensor  # base slots of [residual_protected_len, base_len)
     residual_protected_len: int
     hits_counted: bool = False
+    eager: dict = dataclasses.field(default_factory=dict)  # lora_id -> EagerResidual
 
     @classmethod
     def for_match(cls, residual_key, base_len: int, residual_prefix: torch.Tensor, base_reuse: torch.Tensor):

@@ -10,9 +10,12 @@ import logging
 
 import torch
 
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
 from sglang_forkkv.metrics import STATS
-from sglang_forkkv.req_state import fork_state
-from sglang_forkkv.tree import DualRadixTree
+from sglang_forkkv.req_state import EagerResidual, fork_state
+from sglang_forkkv.tree import DualRadixTree, residual_extra_key
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ def after_alloc_for_extend(batch, result):
             rtable = pool.req_to_residual
             rtable[idx, :prefix_len] = state.residual_prefix.to(rtable.dtype)
             rtable[idx, prefix_len : prefix_len + extend_len] = alloc_residual_slots(tree, extend_len).to(rtable.dtype)
+        if state is not None and tree.config.mode == "eager":
+            plan_eager_residuals(tree, req, state, prefix_len, extend_len)
         if state is not None and not state.hits_counted and not req.retracted_stain:
             state.hits_counted = True
             # cached_tokens counts base entries this request did not write; SGLang adds prefix_len later.
@@ -70,6 +75,36 @@ def after_alloc_for_extend(batch, result):
             )
         pt += extend_len
     return result
+
+
+def plan_eager_residuals(tree: DualRadixTree, req, state, start: int, count: int):
+    """Eager mode: this prefill also writes x·A_j over its new tokens for every other resident adapter j
+    whose residuals already cover [0, start); adapters that do not are left to recompute."""
+    lora_manager = tree.lora_manager
+    if lora_manager is None or count == 0:
+        return
+    tokens = req.full_untruncated_fill_ids
+    entries = []
+    for uid in list(lora_manager.memory_pool.uid_to_buffer_id):
+        if uid is None or uid == req.lora_id or uid in state.eager:
+            continue
+        key = residual_extra_key(req.extra_key, uid)
+        have = tree.residual.match_prefix(MatchPrefixParams(key=RadixKey(tokens, key, limit=start + count)))
+        if len(have.device_indices) >= start + count or len(have.device_indices) < start:
+            continue
+        prefix = tree.residual.match_prefix(MatchPrefixParams(key=RadixKey(tokens, key, limit=start)))
+        tree.residual.inc_lock_ref(prefix.last_device_node)
+        allocator = tree.residual_pool.allocator
+        if allocator.available_size() < count:
+            tree.evict_residual(count - allocator.available_size())
+        slots = allocator.alloc(count)
+        if slots is None:
+            tree.residual.dec_lock_ref(prefix.last_device_node)
+            break
+        state.eager[uid] = EagerResidual(key, prefix.device_indices, slots, start, prefix.last_device_node)
+        entries.append((uid, slots))
+    if entries:
+        tree.residual_pool.eager_writes[req.req_pool_idx] = entries
 
 
 def after_alloc_for_decode(batch, out_cache_loc):
@@ -88,6 +123,20 @@ def after_alloc_for_decode(batch, out_cache_loc):
         rtable = tree.residual_pool.req_to_residual
         rtable[torch.tensor(rows), torch.tensor(positions)] = slots.to(rtable.dtype)
     return out_cache_loc
+
+
+def residual_fits_decode(batch, selected_indices=None) -> bool:
+    """Whether the next decode step's residual slots fit (evicting unlocked residuals if short); when not,
+    SGLang's retraction takes requests out exactly as it does for base-pool pressure."""
+    tree = batch.tree_cache
+    if not isinstance(tree, DualRadixTree):
+        return True
+    reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
+    need = sum(1 for r in reqs if (s := fork_state(r)) is not None and s.residual_key is not None)
+    allocator = tree.residual_pool.allocator
+    if allocator.available_size() < need:
+        tree.evict_residual(need - allocator.available_size())
+    return allocator.available_size() >= need
 
 
 def residual_need(req) -> int:

@@ -118,9 +118,10 @@ class ResidualTree(RadixCache):
 class DualRadixTree(RadixCache):
     """Radix cache backend `forkkv`: shared base tree + per-adapter residual tree."""
 
-    def __init__(self, params: CacheInitParams, residual_pool, config):
+    def __init__(self, params: CacheInitParams, residual_pool, config, lora_manager=None):
         self.residual_pool = residual_pool
         self.config = config
+        self.lora_manager = lora_manager  # eager mode reads which adapters are resident
         # base node -> residual nodes pinned to it
         self._pins: dict[TreeNode, set] = {}
         super().__init__(params)
@@ -207,6 +208,8 @@ class DualRadixTree(RadixCache):
             else:
                 self.residual_pool.allocator.free(rv[protected:])
 
+        if state is not None:
+            self._settle_eager(req, state, token_ids, is_insert)
         if req.last_node is not None:
             self.dec_lock_ref(req.last_node)
 
@@ -249,6 +252,7 @@ class DualRadixTree(RadixCache):
             state.residual_prefix = rmatch.device_indices
             state.residual_protected_len = n
         if state is not None:
+            self._settle_eager(req, state, token_ids, True)
             state.base_len = len(base_indices)
             state.base_reuse = base_indices[n:]
 
@@ -331,6 +335,26 @@ class DualRadixTree(RadixCache):
         if base_node is not None:
             self._pins.get(base_node, set()).discard(res_node)
             res_node.base_pin = None
+
+    ##### Eager residuals #####
+
+    def _settle_eager(self, req, state, token_ids, insert: bool):
+        """Insert the residuals a request wrote for other adapters (eager mode), or free them when the
+        request is not inserted or the adapter left the LoRA buffer before the forward."""
+        for uid, eager in list(state.eager.items()):
+            end = eager.start + len(eager.slots)
+            failed = (req.req_pool_idx, uid) in self.residual_pool.eager_failed
+            self.residual_pool.eager_failed.discard((req.req_pool_idx, uid))
+            if insert and not failed and end <= len(token_ids):
+                value = torch.cat([eager.prefix.to(torch.int64), eager.slots.to(torch.int64)])
+                result = self.residual.insert(InsertParams(key=RadixKey(token_ids[:end], eager.residual_key), value=value))
+                self.residual.pin_new_nodes(result.last_device_node, req.extra_key)
+                # Positions the adapter already had by now (another request inserted them) are duplicates.
+                self.residual_pool.allocator.free(eager.slots[: max(result.prefix_len - eager.start, 0)])
+            else:
+                self.residual_pool.allocator.free(eager.slots)
+            self.residual.dec_lock_ref(eager.lock)
+            del state.eager[uid]
 
     ##### Introspection #####
 
