@@ -8,6 +8,9 @@ import logging
 logger = logging.getLogger(__name__)
 
 FILL_MODES = ("recompute", "eager")
+# Attention and LoRA backends with a forkkv path (the reference torch backend; Triton kernels wire in here).
+ATTENTION_BACKENDS = ("torch_native",)
+LORA_BACKENDS = ("torch_native",)
 
 # Options whose code paths bypass the hooks forkkv relies on (page-granular trees, speculative
 # verification, host-side cache tiers, other tree backends). Each is refused at start-up with its name.
@@ -63,8 +66,13 @@ def validate_server_args(server_args) -> None:
         raise ValueError(
             f"--forkkv brings its own radix cache; drop --radix-cache-backend={server_args.radix_cache_backend!r}"
         )
-    if server_args.enable_lora and server_args.lora_backend not in ("torch_native", "triton"):
-        raise ValueError(
-            f"--forkkv supports --lora-backend torch_native or triton, got {server_args.lora_backend!r}"
-        )
+    for flag, value in (("attention-backend", server_args.attention_backend),
+                        ("prefill-attention-backend", server_args.prefill_attention_backend),
+                        ("decode-attention-backend", server_args.decode_attention_backend)):
+        if value is not None and value not in ATTENTION_BACKENDS:
+            raise ValueError(f"--forkkv supports --{flag} in {ATTENTION_BACKENDS}, got {value!r}")
+    if server_args.attention_backend is None:
+        raise ValueError(f"--forkkv needs an explicit --attention-backend, one of {ATTENTION_BACKENDS}")
+    if (server_args.enable_lora or server_args.lora_paths) and server_args.lora_backend not in LORA_BACKENDS:
+        raise ValueError(f"--forkkv supports --lora-backend in {LORA_BACKENDS}, got {server_args.lora_backend!r}")
     server_args.radix_cache_backend = "forkkv"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def snapshot(tree) -> dict:
     return out
 
 
-def log_and_export(tree, enable_metrics: bool):
+def log_prefill(tree, enable_metrics: bool):
+    """One INFO line per prefill batch (beside SGLang's own), and fresh gauges."""
     snap = snapshot(tree)
     logger.info(
         "forkkv cache: base %d tok, residual %d tok, base hits %d, residual hits %d, "
@@ -62,6 +64,18 @@ def log_and_export(tree, enable_metrics: bool):
     )
     if enable_metrics:
         _export(snap)
+
+
+_last_idle_export = 0.0
+
+
+def export_when_idle(tree):
+    """Gauges catch up with the inserts of finished requests (at most twice a second: idle loops spin)."""
+    global _last_idle_export
+    now = time.monotonic()
+    if now - _last_idle_export >= 0.5:
+        _last_idle_export = now
+        _export(snapshot(tree))
 
 
 def _export(snap: dict):

@@ -78,6 +78,9 @@ def load_plugin():
     )
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.on_idle", _on_idle, HookType.AFTER)
     HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.unload_lora_adapter", _drop_unloaded_residuals, HookType.AFTER
+    )
+    HookRegistry.register(
         "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", _log_prefill, HookType.AFTER
     )
 
@@ -194,19 +197,31 @@ def _internal_state(result, scheduler, *args, **kwargs):
 
 
 def _on_idle(result, scheduler, *args, **kwargs):
-    from sglang_forkkv.metrics import check_idle
+    from sglang_forkkv.metrics import check_idle, export_when_idle
     from sglang_forkkv.tree import DualRadixTree
 
     if isinstance(scheduler.tree_cache, DualRadixTree) and scheduler.is_fully_idle():
         check_idle(scheduler.tree_cache)
+        if _ACTIVE["enable_metrics"]:
+            export_when_idle(scheduler.tree_cache)
+
+
+def _drop_unloaded_residuals(result, scheduler, recv_req, *args, **kwargs):
+    """An unloaded adapter's residuals can never be read again (a reload gets a new lora_id): free them."""
+    from sglang_forkkv.tree import DualRadixTree
+
+    if isinstance(scheduler.tree_cache, DualRadixTree) and recv_req.lora_id is not None:
+        freed = scheduler.tree_cache.drop_adapter(recv_req.lora_id)
+        logger.info("forkkv: adapter %s unloaded, %d residual slots freed", recv_req.lora_name, freed)
+    return result
 
 
 def _log_prefill(result, batch, *args, **kwargs):
-    from sglang_forkkv.metrics import log_and_export
+    from sglang_forkkv.metrics import log_prefill
     from sglang_forkkv.tree import DualRadixTree
 
     if isinstance(batch.tree_cache, DualRadixTree):
-        log_and_export(batch.tree_cache, _ACTIVE["enable_metrics"])
+        log_prefill(batch.tree_cache, _ACTIVE["enable_metrics"])
 
 
 _ACTIVE = {"on": False, "enable_metrics": False}

@@ -1,6 +1,7 @@
 """`python -m sglang.launch_server ... --forkkv` over HTTP on loopback: errors, metrics, refusals."""
 
 import shutil
+import time
 
 import pytest
 import requests
@@ -13,6 +14,19 @@ def generate(url, text, lora=None, max_new_tokens=8):
     if lora is not None:
         body["lora_path"] = lora
     return requests.post(url + "/generate", json=body, timeout=300)
+
+
+def forkkv_gauges(url, settle_s: float = 10.0) -> dict:
+    """sglang_forkkv_* gauges once the idle scheduler has exported the finished requests' inserts."""
+    deadline = time.time() + settle_s
+    while True:
+        text = requests.get(url + "/metrics", timeout=30).text
+        gauges = {line.split()[0].split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("sglang_forkkv_")}
+        info = requests.get(url + "/get_server_info", timeout=30).json()["internal_states"][0]["forkkv"]
+        if gauges.get("sglang_forkkv_residual_tokens") == info["residual_tokens"] or time.time() > deadline:
+            return gauges
+        time.sleep(1)
 
 
 def test_server_errors_metrics_and_cached_tokens(model_dir, adapter_dirs):
@@ -31,9 +45,7 @@ def test_server_errors_metrics_and_cached_tokens(model_dir, adapter_dirs):
         # the critic's request found the planner's base entries of the shared context
         assert second.json()["meta_info"]["cached_tokens"] >= first.json()["meta_info"]["prompt_tokens"] - 8
 
-        metrics = requests.get(url + "/metrics", timeout=30).text
-        gauges = {line.split()[0].split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("sglang_forkkv_")}
+        gauges = forkkv_gauges(url)
         assert gauges["sglang_forkkv_base_hit_tokens"] > 0
         assert gauges["sglang_forkkv_residual_tokens"] > 0
         assert gauges["sglang_forkkv_per_adapter_bytes"] > gauges["sglang_forkkv_forkkv_bytes"]

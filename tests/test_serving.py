@@ -9,7 +9,7 @@ import sglang as sgl
 
 from sglang_forkkv.cpu_engine import cpu_engine_kwargs, shared_document
 
-GREEDY = {"temperature": 0, "max_new_tokens": 32}
+GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 ROLES = ["planner", "coder", "critic"]
 
 
@@ -64,8 +64,10 @@ def first_logprob(out) -> float:
 @pytest.mark.parametrize("lora", ["planner", None], ids=["adapter", "no-adapter"])
 def test_exact_without_sharing(stock, recompute, lora):
     """One adapter (or none) on fresh prompts: forkkv generates what stock SGLang generates."""
-    topic = "adapter" if lora else "base"
-    prompts = [f"Question {i} about {topic} caching: why does item {i * 37} of the list matter?" for i in range(8)]
+    # Continuations the model keeps going on (no early end of sequence, where near-ties make greedy
+    # decoding sensitive to any batching difference): counting and listing.
+    topic = "apples" if lora else "ships"
+    prompts = [f"Count the {topic} in crate {i}, one number per line:\n{i * 10}\n{i * 10 + 1}\n" for i in range(8)]
     want = stock.generate(prompts, GREEDY, lora_path=[lora] * 8, return_logprob=True)
     got = recompute.generate(prompts, GREEDY, lora_path=[lora] * 8, return_logprob=True)
     for w, g in zip(want, got):

@@ -237,3 +237,20 @@ def test_second_adapter_reuses_base_and_pins_it():
     h.tree.evict(EvictParams(num_tokens=1))
     h.check()
     assert h.tree.residual.total_size() < 2 * len(ctx)
+
+
+def test_drop_adapter_frees_only_its_unlocked_residuals():
+    h = Harness()
+    ctx = [1, 2, 3, 3, 2, 1]
+    for adapter in ("a", "b"):
+        h.start(ctx, adapter)
+        h.finish(0)
+    h.start(ctx + [1], "a")  # a running request of "a" keeps its matched residuals locked
+    h.check()
+    freed = h.tree.drop_adapter("b")
+    assert freed == len(ctx)
+    h.check()
+    assert h.tree.residual.total_size() == len(ctx)  # "a" keeps its residuals
+    assert h.tree.drop_adapter("a") == 0  # locked by the running request
+    h.finish(0)
+    h.check()
