@@ -15,29 +15,20 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_forkkv.plan import CAPTURE, ForkKVPlan
-from sglang_forkkv.rope import apply_rope, find_rotary
+from sglang_forkkv.attention_common import ForkKVAttnMixin
+from sglang_forkkv.plan import ForkKVPlan
+from sglang_forkkv.rope import apply_rope
 
 
-class ForkKVTorchAttnBackend(TorchNativeAttnBackend):
+class ForkKVTorchAttnBackend(ForkKVAttnMixin, TorchNativeAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
-        self.model_runner = model_runner
-        self.residual_pool = model_runner.forkkv_residual_pool
-        rotary = find_rotary(model_runner.model)
-        self.cos_sin_cache = rotary.cos_sin_cache
-        self.rotary_dim = rotary.rotary_dim
-        self.is_neox = rotary.is_neox_style
-        self.plan = None
+        self.init_forkkv(model_runner)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        lora_manager = getattr(self.model_runner, "lora_manager", None)
-        folded = lora_manager is not None and lora_manager.lora_backend.name == "torch_native"
-        self.plan = ForkKVPlan.build(forward_batch, lora_manager, self.residual_pool, folded)
-        CAPTURE.plan = self.plan
+        self.build_plan(forward_batch)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         return self._forward(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
@@ -46,14 +37,10 @@ class ForkKVTorchAttnBackend(TorchNativeAttnBackend):
         return self._forward(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
 
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode: bool):
-        if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim or layer.sliding_window_size not in (None, -1):
-            raise ValueError(f"forkkv attention supports causal self-attention only (layer {layer.layer_id})")
+        self.check_layer(layer)
         plan = self.plan
-        residual, eager = CAPTURE.take()
         if save_kv_cache:
-            self._store(layer, forward_batch, k, v, residual, plan)
-            for write, values in zip(plan.eager, eager, strict=True):
-                self.residual_pool.write(layer.layer_id, write.slots, values)
+            self.store(layer, forward_batch, k, v)
 
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q_)
@@ -68,18 +55,6 @@ class ForkKVTorchAttnBackend(TorchNativeAttnBackend):
             o[q_start : q_start + q_len] = self._sdpa(q_[q_start : q_start + q_len], keys, values, layer, causal=not decode)
         return o.reshape(q.shape[0], -1)
 
-    def _store(self, layer, forward_batch, k, v, residual, plan: ForkKVPlan):
-        loc = forward_batch.out_cache_loc
-        k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
-        v = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim)
-        if plan.write_base is not None:
-            # Shared positions keep the entry another adapter's prefill wrote (recompute mode).
-            loc, k, v = loc[plan.write_base], k[plan.write_base], v[plan.write_base]
-        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(loc, None), k, v)
-        if plan.any_adapter:
-            assert residual is not None, f"layer {layer.layer_id}: adapter tokens but no residual captured"
-            self.residual_pool.write(layer.layer_id, plan.residual_slots, residual[plan.residual_rows])
-
     def rebuild_kv(self, layer, req_row: int, seq_len: int, plan: ForkKVPlan, i: int):
         """Keys and values [seq_len, H_kv, D] of one request, base plus its adapter's residual."""
         slots = self.req_to_token_pool.req_to_token[req_row, :seq_len]
@@ -89,13 +64,11 @@ class ForkKVTorchAttnBackend(TorchNativeAttnBackend):
             return keys, values
         rank, max_rank = plan.rank[i], self.residual_pool.max_rank
         res = self.residual_pool.buffers[layer.layer_id][self.residual_pool.req_to_residual[req_row, :seq_len].long()]
-        b = self.model_runner.lora_manager.memory_pool.B_buffer["qkv_proj"][layer.layer_id][plan.lora_slot[i]]
-        q_size = layer.tp_q_head_num * layer.qk_head_dim
-        kv_size = layer.tp_k_head_num * layer.qk_head_dim
-        b_k, b_v = b[q_size : q_size + kv_size, :rank], b[q_size + kv_size : q_size + 2 * kv_size, :rank]
+        b_k, b_v = self.lora_b_kv(layer)
+        b_k, b_v = b_k[plan.lora_slot[i], :, :rank], b_v[plan.lora_slot[i], :, :rank]
         scale = plan.scaling[i]
-        dk = (scale * res[:, :rank].to(b.dtype) @ b_k.T).view(seq_len, layer.tp_k_head_num, layer.qk_head_dim)
-        dv = (scale * res[:, max_rank : max_rank + rank].to(b.dtype) @ b_v.T).view(seq_len, layer.tp_v_head_num, layer.v_head_dim)
+        dk = (scale * res[:, :rank].to(b_k.dtype) @ b_k.T).view(seq_len, layer.tp_k_head_num, layer.qk_head_dim)
+        dv = (scale * res[:, max_rank : max_rank + rank].to(b_v.dtype) @ b_v.T).view(seq_len, layer.tp_v_head_num, layer.v_head_dim)
         positions = torch.arange(seq_len, device=keys.device)
         dk = apply_rope(dk, positions, self.cos_sin_cache, self.rotary_dim, self.is_neox)
         return keys + dk.to(keys.dtype), values + dv.to(values.dtype)

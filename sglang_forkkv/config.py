@@ -8,9 +8,9 @@ import logging
 logger = logging.getLogger(__name__)
 
 FILL_MODES = ("recompute", "eager")
-# Attention and LoRA backends with a forkkv path (the reference torch backend; Triton kernels wire in here).
-ATTENTION_BACKENDS = ("torch_native",)
-LORA_BACKENDS = ("torch_native",)
+# Attention and LoRA backends with a forkkv path: the torch reference (CPU) and the Triton kernels (GPU).
+ATTENTION_BACKENDS = ("torch_native", "triton")
+LORA_BACKENDS = ("torch_native", "triton")
 
 # Options whose code paths bypass the hooks forkkv relies on (page-granular trees, speculative
 # verification, host-side cache tiers, other tree backends). Each is refused at start-up with its name.
@@ -75,4 +75,24 @@ def validate_server_args(server_args) -> None:
         raise ValueError(f"--forkkv needs an explicit --attention-backend, one of {ATTENTION_BACKENDS}")
     if (server_args.enable_lora or server_args.lora_paths) and server_args.lora_backend not in LORA_BACKENDS:
         raise ValueError(f"--forkkv supports --lora-backend in {LORA_BACKENDS}, got {server_args.lora_backend!r}")
+    if server_args.device != "cpu" and not cuda_graphs_disabled(server_args):
+        raise ValueError(
+            "--forkkv builds its attention plan on the host for every batch and does not support CUDA graphs: "
+            "pass --disable-cuda-graph (or --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)"
+        )
     server_args.radix_cache_backend = "forkkv"
+
+
+def cuda_graphs_disabled(server_args) -> bool:
+    """Whether both decode and prefill CUDA graphs are off, read from SGLang 0.5.17's flags before it resolves them."""
+    off = {
+        "decode": server_args.disable_decode_cuda_graph or server_args.cuda_graph_backend_decode == "disabled",
+        "prefill": server_args.disable_prefill_cuda_graph or server_args.cuda_graph_backend_prefill == "disabled",
+    }
+    explicit = server_args.cuda_graph_config  # JSON wins over the per-phase flags (SGLang's precedence)
+    if explicit is not None and not isinstance(explicit, dict):
+        explicit = explicit.to_dict()
+    for phase, settings in (explicit or {}).items():
+        if isinstance(settings, dict) and "backend" in settings:
+            off[phase] = settings["backend"] == "disabled"
+    return bool(server_args.disable_cuda_graph) or all(off.values())

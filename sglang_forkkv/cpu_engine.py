@@ -18,6 +18,8 @@ def cpu_engine_kwargs(model_dir: str, adapters: dict[str, str], **overrides) -> 
         cuda_graph_backend_prefill="disabled",
         # Without a cap the CPU pool takes ~72% of RAM and 30 s to allocate.
         max_total_tokens=8192,
+        # An idle scheduler otherwise spins a core; on 2 cores that starves every other engine.
+        sleep_on_idle=True,
         log_level="warning",
     )
     if adapters:

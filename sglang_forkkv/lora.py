@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang.kernels.ops.gemm.qkv_lora_b import qkv_lora_b_fwd
+
 from sglang_forkkv.plan import CAPTURE
 
 
@@ -43,13 +45,28 @@ def eager_residual(a_buffer: torch.Tensor, x: torch.Tensor, write, max_rank: int
 
 
 def qkv_apply_lora(layer, base_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Replacement of QKVParallelLinearWithLoRA.apply_lora while a forkkv plan is active."""
+    """Replacement of QKVParallelLinearWithLoRA.apply_lora while a forkkv plan is active.
+
+    Both LoRA backends forkkv supports pack the stacked x·A output per token of rank r as [q | k | v], r columns
+    each (torch_native with the scaling folded into A, triton unscaled: it scales after B).
+    """
     plan = CAPTURE.plan
     backend = layer.lora_backend
     a_out = backend.run_lora_a_sgemm(x=x, weights=layer.A_buffer_qkv, stack_num=3)
     max_rank = layer.A_buffer_qkv.shape[1] // 3
     q_only, CAPTURE.residual = split_qkv_lora_a(a_out, plan.token_rank, max_rank)
     CAPTURE.eager = [eager_residual(layer.A_buffer_qkv, x, write, max_rank) for write in plan.eager]
+    if backend.name == "triton":
+        # q's slice of the B buffer only (n_slices 1: columns [0, q_size)); the kernel scales per adapter
+        return qkv_lora_b_fwd(
+            q_only[:, :max_rank],
+            layer.B_buffer_qkv,
+            backend.batch_info,
+            layer.output_offset[:2],
+            layer.base_layer.q_proj_shard_size,
+            base_output,
+            n_slices=1,
+        )
     return backend.run_lora_b_sgemm(
         x=q_only,
         weights=layer.B_buffer_qkv,

@@ -7,6 +7,7 @@ DualRadixTree).
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -84,18 +85,22 @@ def load_plugin():
         "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", _log_prefill, HookType.AFTER
     )
 
-    stock_torch_native = attention_registry.ATTENTION_BACKENDS["torch_native"]
-
-    def torch_native_or_forkkv(runner):
-        if getattr(runner, "forkkv_residual_pool", None) is None:
-            return stock_torch_native(runner)
-        from sglang_forkkv.attention_torch import ForkKVTorchAttnBackend
-
-        return ForkKVTorchAttnBackend(runner)
-
-    attention_registry.ATTENTION_BACKENDS["torch_native"] = torch_native_or_forkkv
+    _swap_attention_backend(attention_registry, "torch_native", "sglang_forkkv.attention_torch", "ForkKVTorchAttnBackend")
+    _swap_attention_backend(attention_registry, "triton", "sglang_forkkv.attention_triton", "ForkKVTritonAttnBackend")
     register_radix_cache_backend("forkkv", _make_tree)
     _loaded = True
+
+
+def _swap_attention_backend(attention_registry, name: str, module: str, cls: str):
+    """SGLang's backend `name` unless the runner has a residual pool (--forkkv): then forkkv's class."""
+    stock = attention_registry.ATTENTION_BACKENDS[name]
+
+    def stock_or_forkkv(runner):
+        if getattr(runner, "forkkv_residual_pool", None) is None:
+            return stock(runner)
+        return getattr(importlib.import_module(module), cls)(runner)
+
+    attention_registry.ATTENTION_BACKENDS[name] = stock_or_forkkv
 
 
 ##### Hooks #####

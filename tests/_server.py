@@ -21,7 +21,9 @@ def server_cmd(model_dir: str, port: int, *extra: str) -> list[str]:
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--host", "127.0.0.1",
         "--port", str(port), "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch_native",
         "--lora-backend", "torch_native", "--cuda-graph-backend-decode", "disabled",
-        "--cuda-graph-backend-prefill", "disabled", "--max-total-tokens", "4096", *extra,
+        "--cuda-graph-backend-prefill", "disabled", "--max-total-tokens", "4096",
+        # an idle scheduler otherwise spins a core, starving the other servers and engines of the test run
+        "--sleep-on-idle", *extra,
     ]
 
 
