@@ -28,20 +28,22 @@ def parse_args(doc: str, records: int) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def backend(args: argparse.Namespace):
-    """A frontend backend: `sgl.RuntimeEndpoint(args.url)`, or an `sgl.Runtime` (SGLang's in-process server) on
-    the CPU demo model with the demo adapters, shut down on exit."""
+    """A frontend backend: `sgl.RuntimeEndpoint(args.url)`, or an `sgl.Runtime` (the server SGLang's frontend
+    starts from Python) on the CPU demo model with the demo adapters, shut down on exit."""
     if args.url:
         yield sgl.RuntimeEndpoint(args.url)
         return
+    from sglang.srt.plugins import load_plugins
+
     from sglang_forkkv.cpu_engine import cpu_engine_kwargs
     from sglang_forkkv.demo import prepare_adapters
     from sglang_forkkv.model_prep import prepare_model
 
     model_dir = prepare_model()
     adapters = prepare_adapters(model_dir)
+    load_plugins()  # sgl.Runtime builds ServerArgs here, where SGLang loads no plugins; --forkkv needs them
     print(f"starting a CPU server with --forkkv --forkkv-mode {args.mode}, adapters {', '.join(adapters)} ...")
-    kwargs = cpu_engine_kwargs(str(model_dir), adapters, forkkv=True, forkkv_mode=args.mode, sleep_on_idle=True)
-    runtime = sgl.Runtime(**kwargs)
+    runtime = sgl.Runtime(**cpu_engine_kwargs(str(model_dir), adapters, forkkv=True, forkkv_mode=args.mode))
     try:
         yield runtime
     finally:
@@ -64,5 +66,6 @@ def report_savings(before: dict, after: dict) -> None:
     print(f"  residual entries   {delta['residual_tokens']:7d} (adapter, token) pairs of rank <= 16")
     print(f"  base entries reused instead of written: {delta['base_hit_tokens']} tokens")
     print(f"  forkkv KV memory   {ours / MIB:8.2f} MiB")
-    print(f"  per-adapter cache  {stock / MIB:8.2f} MiB (stock SGLang: {delta['per_adapter_equivalent_tokens']} entries)")
+    entries = delta["per_adapter_equivalent_tokens"]
+    print(f"  per-adapter cache  {stock / MIB:8.2f} MiB (stock SGLang: {entries} entries)")
     print(f"  saved              {(stock - ours) / MIB:8.2f} MiB ({stock / max(ours, 1):.2f}x less KV memory)")

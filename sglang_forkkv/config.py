@@ -51,7 +51,8 @@ def is_enabled(server_args) -> bool:
 
 
 def validate_server_args(server_args) -> None:
-    """Refuse option combinations forkkv does not support, naming the option (called in __post_init__)."""
+    """Refuse option combinations forkkv does not support, naming the option (read-only: before ServerArgs
+    resolves in the launcher, and again on the resolved arguments in the scheduler process)."""
     if not is_enabled(server_args):
         return
     ForkKVConfig.from_server_args(server_args)
@@ -80,7 +81,6 @@ def validate_server_args(server_args) -> None:
             "--forkkv builds its attention plan on the host for every batch and does not support CUDA graphs: "
             "pass --disable-cuda-graph (or --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)"
         )
-    server_args.radix_cache_backend = "forkkv"
 
 
 def cuda_graphs_disabled(server_args) -> bool:

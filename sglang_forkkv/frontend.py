@@ -78,9 +78,12 @@ def select_kwargs(executor, expr) -> dict:
 
 
 def cache_stats(backend) -> dict:
-    """The server's forkkv cache stats (`/server_info` -> internal_states[0]["forkkv"]); {} without --forkkv.
+    """The server's forkkv cache stats (`/server_info` -> internal_states[0]["forkkv"]); {} without forkkv's cache.
 
     backend: a `sgl.RuntimeEndpoint` (or `sgl.Runtime`).
     """
     backend = getattr(backend, "endpoint", backend)
-    return backend.get_server_info()["internal_states"][0].get("forkkv", {})
+    stats = backend.get_server_info()["internal_states"][0].get("forkkv")
+    # The internal state starts from the server args, whose `forkkv` flag the stats replace only when the
+    # forkkv cache is running.
+    return stats if isinstance(stats, dict) else {}

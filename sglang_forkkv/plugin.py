@@ -88,6 +88,13 @@ def load_plugin():
     _swap_attention_backend(attention_registry, "torch_native", "sglang_forkkv.attention_torch", "ForkKVTorchAttnBackend")
     _swap_attention_backend(attention_registry, "triton", "sglang_forkkv.attention_triton", "ForkKVTritonAttnBackend")
     register_radix_cache_backend("forkkv", _make_tree)
+    # By the flag, not by --radix-cache-backend: ServerArgs may be built in a process that never loaded this
+    # plugin (sgl.Runtime), so nothing can be relied on to have rewritten the backend name.
+    HookRegistry.register(
+        "sglang.srt.mem_cache.kv_cache_builder.create_tree_cache",
+        lambda original, ctx: _make_tree(ctx) if forkkv_config.is_enabled(ctx.server_args) else original(ctx),
+        HookType.AROUND,
+    )
     _loaded = True
 
 
@@ -115,13 +122,15 @@ def _strip_lora_from_extra_key(result, req, *args, **kwargs):
 
 
 def _create_residual_pool(result, runner, *args, **kwargs):
-    from sglang_forkkv.config import ForkKVConfig, is_enabled
+    from sglang_forkkv.config import ForkKVConfig, is_enabled, validate_server_args
     from sglang_forkkv.model_check import check_model_supported
     from sglang_forkkv.pool import ResidualPool, lora_max_rank
 
     server_args = runner.server_args
     if not is_enabled(server_args) or getattr(runner, "forkkv_residual_pool", None) is not None:
         return
+    # Again in the scheduler process: the launcher's check is skipped where ServerArgs was built without this plugin.
+    validate_server_args(server_args)
     check_model_supported(runner.model)
     config = ForkKVConfig.from_server_args(server_args)
     kv_pool = runner.token_to_kv_pool

@@ -1,7 +1,7 @@
 """SGLang frontend programs choosing LoRA adapters (patches/common/0002-frontend-lora.patch), over HTTP.
 
 One CPU server with --forkkv and one stock server (per-adapter radix cache) live for the module, both with the
-planner / coder / critic adapters. On the forkkv server the base entries of a prefix belong to whichever adapter
+planner / coder / critic adapters and "twin" (coder's weights under another name). On the forkkv server the base entries of a prefix belong to whichever adapter
 prefilled it first, even a prefix of one token: every context here starts with its own first token (`context`),
 so no test reuses another's entries.
 """
@@ -21,10 +21,9 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def servers(model_dir, adapter_dirs):
-    """{"forkkv": RuntimeEndpoint, "stock": RuntimeEndpoint}."""
-    # --sleep-on-idle: an idle CPU scheduler otherwise busy-polls a core, slowing the other server 2-3x
-    loras = ["--sleep-on-idle", "--enable-lora", "--max-loras-per-batch", "4", "--lora-paths"]
-    loras += [f"{name}={path}" for name, path in adapter_dirs.items()]
+    """{"forkkv": RuntimeEndpoint, "stock": RuntimeEndpoint}; "twin" loads coder's weights under another name."""
+    loras = ["--enable-lora", "--max-loras-per-batch", "5", "--lora-paths"]
+    loras += [f"{name}={path}" for name, path in {**adapter_dirs, "twin": adapter_dirs["coder"]}.items()]
     with running_server(model_dir, "--forkkv", *loras) as forkkv_url, running_server(model_dir, *loras) as stock_url:
         yield {"forkkv": sgl.RuntimeEndpoint(forkkv_url), "stock": sgl.RuntimeEndpoint(stock_url)}
 
@@ -84,6 +83,15 @@ def test_one_adapter_fork_matches_stock(servers, branch_loras, program_lora, tag
     # the adapter reached the server: residual entries exist exactly when an adapter ran
     adapter_ran = (branch_loras or [program_lora])[0] is not None
     assert (after["residual_tokens"] > before["residual_tokens"]) == adapter_ran
+
+
+def test_twin_adapters_fork_exactly(servers):
+    """Two names for one adapter's weights: the twin's branch reuses the coder's base entries, and since their
+    hidden states are the same, every branch still gives exactly stock's outputs."""
+    document = context("Quebec", 10)
+    branch_loras = ["coder", "twin", "twin"]
+    got = answers(run_team(servers["forkkv"], document, branch_loras))
+    assert got == answers(run_team(servers["stock"], document, branch_loras))
 
 
 @pytest.mark.parametrize("branch_loras", [["planner", "coder", "critic"], ["coder", None, "critic"]],
