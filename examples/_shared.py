@@ -41,7 +41,7 @@ def backend(args: argparse.Namespace):
 
     model_dir = prepare_model()
     adapters = prepare_adapters(model_dir)
-    load_plugins()  # sgl.Runtime builds ServerArgs here, where SGLang loads no plugins; --forkkv needs them
+    load_plugins()  # so --forkkv's options are checked here, before the server process starts
     print(f"starting a CPU server with --forkkv --forkkv-mode {args.mode}, adapters {', '.join(adapters)} ...")
     runtime = sgl.Runtime(**cpu_engine_kwargs(str(model_dir), adapters, forkkv=True, forkkv_mode=args.mode))
     try:

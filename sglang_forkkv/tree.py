@@ -374,7 +374,7 @@ class DualRadixTree(RadixCache):
 
     def check_invariants(self):
         """Assert the module-doc invariants; used by tests after every operation."""
-        for res_node in _walk(self.residual.root_node):
+        for res_node in walk_nodes(self.residual.root_node):
             base_node = res_node.base_pin
             assert base_node is not None and not base_node.evicted, "residual node without a live base"
             assert res_node in self._pins.get(base_node, ()), "pin missing from the base side"
@@ -383,7 +383,7 @@ class DualRadixTree(RadixCache):
         for base_node, deps in self._pins.items():
             for dep in deps:
                 assert dep.base_pin is base_node
-        for node in _walk(self.root_node):
+        for node in walk_nodes(self.root_node):
             assert node.lock_ref >= 0
         assert self.evictable_size_ + self.protected_size_ == self.total_size(), (
             self.evictable_size_, self.protected_size_, self.total_size())
@@ -410,7 +410,8 @@ def _split_handle(node):
     return node, None
 
 
-def _walk(root):
+def walk_nodes(root):
+    """Every node below `root` (not `root` itself), depth first."""
     stack = list(root.children.values())
     while stack:
         node = stack.pop()

@@ -23,7 +23,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang_forkkv.config import ForkKVConfig  # noqa: E402
 from sglang_forkkv.pool import ResidualAllocator, ResidualPool  # noqa: E402
 from sglang_forkkv.req_state import fork_state  # noqa: E402
-from sglang_forkkv.tree import DualRadixTree  # noqa: E402
+from sglang_forkkv.tree import DualRadixTree, walk_nodes  # noqa: E402
 
 MAX_LEN = 12
 ROWS = 6
@@ -160,8 +160,8 @@ class Harness:
             if req.lora_id is not None:
                 st_ = fork_state(req)
                 res_owned.update(self.pool.req_to_residual[req.req_pool_idx, st_.residual_protected_len:n].tolist())
-        base_tree = set(torch.cat([n.value for n in _nodes(self.tree.root_node)] or [torch.empty(0)]).long().tolist())
-        res_tree = set(torch.cat([n.value for n in _nodes(self.tree.residual.root_node)] or [torch.empty(0)]).long().tolist())
+        base_tree = set(torch.cat([n.value for n in walk_nodes(self.tree.root_node)] or [torch.empty(0)]).long().tolist())
+        res_tree = set(torch.cat([n.value for n in walk_nodes(self.tree.residual.root_node)] or [torch.empty(0)]).long().tolist())
         assert not base_owned & base_tree and not res_owned & res_tree
         assert base_owned | base_tree == self.base_alloc.out, "base slot leaked or double-owned"
         assert res_owned | res_tree == self.pool.allocator.out, "residual slot leaked or double-owned"
@@ -174,14 +174,6 @@ def _lcp(a, b):
             break
         n += 1
     return n
-
-
-def _nodes(root):
-    stack = list(root.children.values())
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(node.children.values())
 
 
 ADAPTERS = [None, "a", "b", "c"]
