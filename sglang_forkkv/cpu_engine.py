@@ -33,8 +33,15 @@ def cpu_engine_kwargs(model_dir: str, adapters: dict[str, str], **overrides) -> 
     return kwargs
 
 
+# One first word per seed, each a different first token for SmolLM2's tokenizer: with forkkv, any prefix two
+# adapters' requests share is shared base, down to one token, so documents of different seeds must share none.
+LEDGER_TOPICS = ("Orders", "Travel", "Payments", "Stock", "Fuel", "Energy", "Health", "Weather",
+                 "Music", "Sports", "Rent", "Books", "Food", "Water", "Market", "Budget")
+
+
 def shared_document(num_records: int = 90, seed: int = 0) -> str:
-    """A synthetic ledger every agent reads (about 21 tokens per record with SmolLM2's tokenizer)."""
+    """A synthetic ledger every agent reads (about 21 tokens per record with SmolLM2's tokenizer); documents of
+    seeds that differ modulo 16 start with different tokens."""
     lines = []
     for i in range(num_records):
         j = i + seed * 1000
@@ -42,4 +49,4 @@ def shared_document(num_records: int = 90, seed: int = 0) -> str:
         lines.append(
             f"Record {i}: customer {chr(65 + j % 26)}{j * 7 % 100}, order total {j * 13 % 997} dollars, status {status}."
         )
-    return "Order ledger.\n" + "\n".join(lines)
+    return f"{LEDGER_TOPICS[seed % len(LEDGER_TOPICS)]} ledger {seed}.\n" + "\n".join(lines)

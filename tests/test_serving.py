@@ -77,11 +77,14 @@ def test_exact_without_sharing(stock, recompute, lora):
         assert abs(first_logprob(g) - first_logprob(w)) < 1e-4
 
 
+def warm_up(engine, roles):
+    """One tiny request per adapter makes each resident in the LoRA buffer (eager writes only for those)."""
+    engine.generate(["ok"] * len(roles), {"temperature": 0, "max_new_tokens": 1}, lora_path=list(roles))
+
+
 def run_agents(engine, document: str, roles=ROLES):
     """The first agent prefills the shared document alone, the others then fork over it together."""
     prompts = [f"{document}\n\nYou are the {role}. State the one fact that matters most:" for role in roles]
-    # one tiny request per adapter makes each resident in the LoRA buffer (eager writes only for those)
-    engine.generate(["ok"] * len(roles), {"temperature": 0, "max_new_tokens": 1}, lora_path=list(roles))
     first = engine.generate(prompts[0], GREEDY, lora_path=roles[0])
     rest = engine.generate(prompts[1:], GREEDY, lora_path=list(roles[1:]))
     return [first] + rest
@@ -93,9 +96,11 @@ def test_three_agents_share_one_base_copy(request, stock, mode):
     document = shared_document(80, seed={"recompute": 1, "eager": 3}[mode])
     doc_len = prompt_tokens(engine, document)
     assert doc_len >= 1500
+    warm_up(engine, ROLES)
     before = stats(engine)
     outs = run_agents(engine, document)
     after = stats(engine)
+    warm_up(stock, ROLES)
     want = run_agents(stock, document)
 
     # the agent whose prefill wrote the base entries is exact
@@ -111,8 +116,10 @@ def test_three_agents_share_one_base_copy(request, stock, mode):
     assert doc_len <= base_added <= doc_len + own
     per_adapter_added = after["per_adapter_equivalent_tokens"] - before["per_adapter_equivalent_tokens"]
     assert per_adapter_added >= 3 * doc_len
-    # each adapter owns residuals for its own sequence only (the last token of each has no KV yet)
-    assert sum(n - 1 for n in lengths) <= residual_added <= sum(lengths)
+    # each adapter holds residuals for its own sequence (the last token of each has no KV yet); eager mode also
+    # writes the other resident adapters' residuals over each agent's private tokens
+    others = len(ROLES) - 1 if mode == "eager" else 0
+    assert sum(n - 1 for n in lengths) <= residual_added <= sum(lengths) + others * own
     # the second and third agents found the context's base entries cached
     for o in outs[1:]:
         assert o["meta_info"]["cached_tokens"] >= doc_len
@@ -129,6 +136,8 @@ def test_twin_adapters_share_exactly(request, stock, mode):
     residuals) and must still match stock, which computes everything itself."""
     engine = request.getfixturevalue(mode)
     document = shared_document(50, seed={"recompute": 5, "eager": 6}[mode])
+    for e in (engine, stock):
+        warm_up(e, ["coder", "twin"])
     outs = run_agents(engine, document, roles=["coder", "twin"])
     want = run_agents(stock, document, roles=["coder", "twin"])
     assert outs[1]["meta_info"]["cached_tokens"] >= prompt_tokens(engine, document)
