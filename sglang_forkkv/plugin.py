@@ -40,7 +40,7 @@ def load_plugin():
 
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.__post_init__",
-        # Before SGLang resolves (and freezes) the arguments, so the tree backend can still be chosen.
+        # In the launcher, before SGLang resolves the arguments: unsupported combinations fail before any process starts.
         lambda self, *a, **k: forkkv_config.validate_server_args(self),
         HookType.BEFORE,
     )

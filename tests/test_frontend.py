@@ -17,6 +17,7 @@ from sglang_forkkv.cpu_engine import shared_document
 from sglang_forkkv.frontend import cache_stats
 
 MAX_NEW = 8
+ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def fork_team(s, document, branch_loras, size=3):
     s += document + "\n\n"
     team = s.fork(size, lora_path=branch_loras)
     for i in range(size):
-        team[i] += f"Agent {i}: the record that matters most is" + sgl.gen("answer", max_tokens=MAX_NEW, temperature=0)
+        # Each branch's own text starts with its own token: a token all branches add after the context would be
+        # shared base written by whichever branch the server schedules first, and the first branch not exact.
+        team[i] += f"{ORDINALS[i]} agent: the record that matters most is" + sgl.gen("answer", max_tokens=MAX_NEW, temperature=0)
     team.join()
     return team
 
