@@ -20,19 +20,21 @@ from sglang_forkkv.tree import DualRadixTree, residual_extra_key
 logger = logging.getLogger(__name__)
 
 
+def has_adapter(req) -> bool:
+    """Whether the request keeps residuals (it matched with an adapter)."""
+    state = fork_state(req)
+    return state is not None and state.residual_key is not None
+
+
 def alloc_residual_slots(tree: DualRadixTree, n: int) -> torch.Tensor:
     """n residual slots, evicting unlocked residual entries (LRU) if the pool is short."""
     allocator = tree.residual_pool.allocator
-    slots = allocator.alloc(n)
-    if slots is None:
-        tree.evict_residual(n - allocator.available_size())
-        slots = allocator.alloc(n)
-    if slots is None:
+    if not tree.make_residual_room(n):
         raise RuntimeError(
             f"forkkv residual pool exhausted: need {n} slots, {allocator.available_size()} free, "
             f"{tree.residual_evictable_size()} evictable; raise --forkkv-residual-ratio"
         )
-    return slots
+    return allocator.alloc(n)
 
 
 def after_alloc_for_extend(batch, result):
@@ -94,13 +96,10 @@ def plan_eager_residuals(tree: DualRadixTree, req, state, start: int, count: int
             continue
         prefix = tree.residual.match_prefix(MatchPrefixParams(key=RadixKey(tokens, key, limit=start)))
         tree.residual.inc_lock_ref(prefix.last_device_node)
-        allocator = tree.residual_pool.allocator
-        if allocator.available_size() < count:
-            tree.evict_residual(count - allocator.available_size())
-        slots = allocator.alloc(count)
-        if slots is None:
+        if not tree.make_residual_room(count):
             tree.residual.dec_lock_ref(prefix.last_device_node)
             break
+        slots = tree.residual_pool.allocator.alloc(count)
         state.eager[uid] = EagerResidual(key, prefix.device_indices, slots, start, prefix.last_device_node)
         entries.append((uid, slots))
     if entries:
@@ -114,8 +113,7 @@ def after_alloc_for_decode(batch, out_cache_loc):
         return out_cache_loc
     rows, positions = [], []
     for req, seq_len in zip(batch.reqs, batch.seq_lens_cpu.tolist()):
-        state = fork_state(req)
-        if state is not None and state.residual_key is not None:
+        if has_adapter(req):
             rows.append(req.req_pool_idx)
             positions.append(seq_len)
     if rows:
@@ -132,17 +130,12 @@ def residual_fits_decode(batch, selected_indices=None) -> bool:
     if not isinstance(tree, DualRadixTree):
         return True
     reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
-    need = sum(1 for r in reqs if (s := fork_state(r)) is not None and s.residual_key is not None)
-    allocator = tree.residual_pool.allocator
-    if allocator.available_size() < need:
-        tree.evict_residual(need - allocator.available_size())
-    return allocator.available_size() >= need
+    return tree.make_residual_room(sum(1 for r in reqs if has_adapter(r)))
 
 
 def residual_need(req) -> int:
     """Residual slots a waiting request takes until it finishes (0 without an adapter)."""
-    state = fork_state(req)
-    if state is None or state.residual_key is None:
+    if not has_adapter(req):
         return 0
     return len(req.full_untruncated_fill_ids) - len(req.prefix_indices) + req.sampling_params.max_new_tokens
 
@@ -152,8 +145,7 @@ def running_residual_reserve(running_batch) -> int:
         return 0
     total = 0
     for req in running_batch.reqs:
-        state = fork_state(req)
-        if state is not None and state.residual_key is not None:
+        if has_adapter(req):
             total += max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
     return total
 

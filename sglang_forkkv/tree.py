@@ -305,6 +305,13 @@ class DualRadixTree(RadixCache):
         """Free at least `num_slots` residual slots by LRU over unlocked residual leaves, if possible."""
         return self.residual.evict(EvictParams(num_tokens=num_slots)).num_tokens_evicted
 
+    def make_residual_room(self, num_slots: int) -> bool:
+        """Evict unlocked residuals (LRU) for the shortfall, if any; whether `num_slots` slots are now free."""
+        allocator = self.residual_pool.allocator
+        if allocator.available_size() < num_slots:
+            self.evict_residual(num_slots - allocator.available_size())
+        return allocator.available_size() >= num_slots
+
     def residual_evictable_size(self) -> int:
         return self.residual.evictable_size()
 
