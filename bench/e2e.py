@@ -230,7 +230,7 @@ def run_system(args, system: str, url: str, log_path: Path, names: list, vocab: 
         run_once(url, warm, names, 4, same_adapter=False, poll=False)
     post(url, "/flush_cache")
     offset = len(log_path.read_text())
-    reqs = workload(args.workflows, args.agents, args.context, vocab, seed)
+    reqs = workload(args.workflows, len(names), args.context, vocab, seed)
     res = run_once(url, reqs, names, args.gen, same_adapter=system == "ceiling", poll=system in ("recompute", "eager"))
     info = json.loads(urllib.request.urlopen(url + "/get_server_info", timeout=30).read())
     capacity = int(info["internal_states"][0]["memory_usage"]["token_capacity"])
@@ -260,7 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--adapters", nargs="*", default=[], help="name=dir, one per agent (agent a uses the a-th)")
     p.add_argument("--systems", default="stock,ceiling,recompute,eager")
     p.add_argument("--workflows", type=int, default=4)
-    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--agents", default="8", help="N, or a comma list N1,N2,...: each N runs on the same servers")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--extra", default="", help="extra server flags, one string")
@@ -269,9 +269,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.agents = [int(n) for n in str(args.agents).split(",")]
     if args.cpu:
-        args.workflows, args.agents, args.context, args.gen = (
-            min(args.workflows, 1), min(args.agents, 2), min(args.context, 64), min(args.gen, 4))
+        args.workflows, args.context, args.gen = min(args.workflows, 1), min(args.context, 64), min(args.gen, 4)
+        args.agents = [min(n, 2) for n in args.agents]
     return args
 
 
@@ -285,9 +286,9 @@ def main(argv=None) -> list[dict]:
     else:
         model, adapters = args.model, dict(a.split("=", 1) for a in args.adapters)
         base_flags = GPU_FLAGS
-    names = list(adapters)[: args.agents]
-    if len(names) < args.agents:
-        raise ValueError(f"{args.agents} agents need as many adapters, got {len(names)}: {names}")
+    names = list(adapters)[: max(args.agents)]
+    if len(names) < max(args.agents):
+        raise ValueError(f"{max(args.agents)} agents need as many adapters, got {len(names)}: {names}")
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     systems = args.systems.split(",")
     results = []
@@ -299,18 +300,20 @@ def main(argv=None) -> list[dict]:
             flags += args.forkkv_extra.split()
         log_path = out / f"server-{'-'.join(group)}.log"
         with servers(model, {n: adapters[n] for n in names}, [(flags, log_path)], cpu=args.cpu) as (url,):
-            for i, system in enumerate(group):
-                res = run_system(args, system, url, log_path, names, vocab, args.seed + 10 * i)
-                res.update(workflows=args.workflows, agents=args.agents, context=args.context, gen=args.gen)
-                results.append(res)
-                print(json.dumps({k: v for k, v in res.items() if k != "forkkv_after"}), flush=True)
-    (out / "e2e.json").write_text(json.dumps(results, indent=1))
+            for agents in args.agents:
+                for i, system in enumerate(group):
+                    res = run_system(args, system, url, log_path, names[:agents], vocab, args.seed + 10 * i)
+                    res.update(workflows=args.workflows, agents=agents, context=args.context, gen=args.gen)
+                    results.append(res)
+                    print(json.dumps({k: v for k, v in res.items() if k != "forkkv_after"}), flush=True)
+                    # after every run: a call cut short by its time limit still returns what it measured
+                    (out / "e2e.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     return results
 
 
 def table(results: list) -> str:
-    cols = ["system", "wall_s", "output_tok_s", "total_tok_s", "ttft_median_s", "ttft_p99_s", "itl_median_ms",
+    cols = ["system", "agents", "context", "wall_s", "output_tok_s", "total_tok_s", "ttft_median_s", "ttft_p99_s", "itl_median_ms",
             "itl_p99_ms", "peak_kv_tokens", "peak_residual_slots", "prefill_tokens_computed"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:

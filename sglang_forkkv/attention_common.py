@@ -13,7 +13,7 @@ import torch
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_forkkv.plan import CAPTURE, ForkKVPlan
-from sglang_forkkv.rope import find_rotary
+from sglang_forkkv.rope import apply_rope, find_rotary
 
 
 class ForkKVAttnMixin:
@@ -60,6 +60,9 @@ class ForkKVAttnMixin:
         loc = forward_batch.out_cache_loc
         k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
         v = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim)
+        if plan.any_adapter and layer.layer_id in self.residual_pool.private_layers:
+            # this forward's own k/v, shared positions included: the adapter's exact entries for its private copy
+            self.store_private(layer, k, v, residual)
         if plan.write_base is not None:
             # Shared positions keep the entry another adapter's prefill wrote (recompute mode).
             loc, k, v = loc[plan.write_base], k[plan.write_base], v[plan.write_base]
@@ -70,6 +73,31 @@ class ForkKVAttnMixin:
             self.residual_pool.write(layer.layer_id, plan.residual_slots, residual[plan.residual_rows])
         for write, values in zip(plan.eager, eager, strict=True):
             self.residual_pool.write(layer.layer_id, write.slots, values)
+
+    def store_private(self, layer, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> None:
+        """Whole K = base + RoPE(s R_k B_k) and V = base + s R_v B_v of the batch's adapter tokens, into the
+        private copy of this layer."""
+        plan = self.plan
+        rows = plan.residual_rows
+        full_k, full_v = k[rows].clone(), v[rows].clone()
+        owners = plan.token_req[rows]
+        for i in torch.unique(owners).tolist():
+            sel = torch.nonzero(owners == i).flatten()
+            dk, dv = self.lora_kv_delta(layer, i, residual[rows[sel]], plan.positions[rows[sel]])
+            full_k[sel] += dk.to(full_k.dtype)
+            full_v[sel] += dv.to(full_v.dtype)
+        self.residual_pool.write_private(layer.layer_id, plan.residual_slots, full_k, full_v)
+
+    def lora_kv_delta(self, layer, i: int, res: torch.Tensor, positions: torch.Tensor):
+        """(RoPE(s R_k B_k), s R_v B_v) [n, H_kv, D] of request i's adapter for residual rows res [n, 2 R_MAX]."""
+        plan, max_rank = self.plan, self.residual_pool.max_rank
+        rank, scale = plan.rank[i], plan.scaling[i]
+        b_k, b_v = self.lora_b_kv(layer)
+        b_k, b_v = b_k[plan.lora_slot[i], :, :rank], b_v[plan.lora_slot[i], :, :rank]
+        n = res.shape[0]
+        dk = (scale * res[:, :rank].to(b_k.dtype) @ b_k.T).view(n, layer.tp_k_head_num, layer.qk_head_dim)
+        dv = (scale * res[:, max_rank : max_rank + rank].to(b_v.dtype) @ b_v.T).view(n, layer.tp_v_head_num, layer.v_head_dim)
+        return apply_rope(dk, positions, self.cos_sin_cache, self.rotary_dim, self.is_neox), dv
 
     def lora_b_kv(self, layer):
         """(B_k, B_v) of every LoRA buffer slot, views [S, H_kv * D, R_MAX] of SGLang's qkv B buffer."""

@@ -18,7 +18,6 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 
 from sglang_forkkv.attention_common import ForkKVAttnMixin
 from sglang_forkkv.plan import ForkKVPlan
-from sglang_forkkv.rope import apply_rope
 
 
 class ForkKVTorchAttnBackend(ForkKVAttnMixin, TorchNativeAttnBackend):
@@ -56,21 +55,18 @@ class ForkKVTorchAttnBackend(ForkKVAttnMixin, TorchNativeAttnBackend):
         return o.reshape(q.shape[0], -1)
 
     def rebuild_kv(self, layer, req_row: int, seq_len: int, plan: ForkKVPlan, i: int):
-        """Keys and values [seq_len, H_kv, D] of one request, base plus its adapter's residual."""
+        """Keys and values [seq_len, H_kv, D] of one request, base plus its adapter's residual (or its private
+        copy in a private layer)."""
+        if plan.lora_slot[i] >= 0 and layer.layer_id in self.residual_pool.private_layers:
+            entries = self.residual_pool.private_kv[layer.layer_id][self.residual_pool.req_to_residual[req_row, :seq_len].long()]
+            return entries[:, 0], entries[:, 1]
         slots = self.req_to_token_pool.req_to_token[req_row, :seq_len]
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[slots]
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[slots]
         if plan.lora_slot[i] < 0:
             return keys, values
-        rank, max_rank = plan.rank[i], self.residual_pool.max_rank
         res = self.residual_pool.buffers[layer.layer_id][self.residual_pool.req_to_residual[req_row, :seq_len].long()]
-        b_k, b_v = self.lora_b_kv(layer)
-        b_k, b_v = b_k[plan.lora_slot[i], :, :rank], b_v[plan.lora_slot[i], :, :rank]
-        scale = plan.scaling[i]
-        dk = (scale * res[:, :rank].to(b_k.dtype) @ b_k.T).view(seq_len, layer.tp_k_head_num, layer.qk_head_dim)
-        dv = (scale * res[:, max_rank : max_rank + rank].to(b_v.dtype) @ b_v.T).view(seq_len, layer.tp_v_head_num, layer.v_head_dim)
-        positions = torch.arange(seq_len, device=keys.device)
-        dk = apply_rope(dk, positions, self.cos_sin_cache, self.rotary_dim, self.is_neox)
+        dk, dv = self.lora_kv_delta(layer, i, res, torch.arange(seq_len, device=keys.device))
         return keys + dk.to(keys.dtype), values + dv.to(values.dtype)
 
     @staticmethod

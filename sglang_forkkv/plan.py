@@ -46,14 +46,16 @@ class ForkKVPlan:
 
     Per request i: lora_slot[i] (LoRA buffer slot, -1 without adapter), rank[i], scaling[i]
     (1.0 where the LoRA backend already folds the scaling into x·A, as torch_native does).
-    Per token t of the batch: token_rank[t] (0 without adapter), write_base[t] (False where the
-    position's base entry belongs to the tree, recompute mode), residual_rows / residual_slots:
-    which tokens carry a residual and the residual slots they are written to.
+    Per token t of the batch: token_req[t] (its request), positions[t], token_rank[t] (0 without adapter),
+    write_base[t] (False where the position's base entry belongs to the tree, recompute mode),
+    residual_rows / residual_slots: which tokens carry a residual and the residual slots they are written to.
     """
 
     lora_slot: list
     rank: list
     scaling: list
+    token_req: torch.Tensor
+    positions: torch.Tensor
     token_rank: torch.Tensor
     write_base: Optional[torch.Tensor]  # None: every token writes its base entry
     residual_rows: torch.Tensor
@@ -74,7 +76,8 @@ class ForkKVPlan:
             lora = lora_manager.loras[uid]
             return buffer_ids[uid], lora.config.r, 1.0 if scaling_folded else float(lora.scaling)
 
-        if forward_batch.lora_ids is not None:
+        # Without a QKV LoRA layer (MLP-only adapters) nothing captures x·A: every request reads base K/V alone.
+        if forward_batch.lora_ids is not None and residual_pool.attention_lora:
             for i, uid in enumerate(forward_batch.lora_ids):
                 if uid is not None and uid in buffer_ids:
                     lora_slot[i], rank[i], scaling[i] = adapter(uid)
@@ -117,4 +120,5 @@ class ForkKVPlan:
                     lora = lora_manager.loras[uid]
                     factor = float(lora.scaling) if scaling_folded else 1.0
                     eager.append(EagerWrite(rows, buffer_ids[uid], lora.config.r, factor, slots.to(device)))
-        return cls(lora_slot, rank, scaling, token_rank, write_base, residual_rows, residual_slots, eager)
+        return cls(lora_slot, rank, scaling, token_req, positions, token_rank, write_base, residual_rows,
+                   residual_slots, eager)

@@ -70,8 +70,18 @@ def load_plugin():
         "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _add_one_req, HookType.AROUND
     )
     HookRegistry.register(
+        "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
+        lambda result, adder, req, *a, **k: scheduling.reserve_chunked(adder, req),
+        HookType.AFTER,
+    )
+    HookRegistry.register(
         "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem",
         lambda result, batch, selected_indices=None: result and scheduling.residual_fits_decode(batch, selected_indices),
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens",
+        lambda result, scheduler, req, *a, **k: scheduling.bound_to_residual_pool(scheduler, req),
         HookType.AFTER,
     )
     HookRegistry.register(
@@ -122,7 +132,7 @@ def _strip_lora_from_extra_key(result, req, *args, **kwargs):
 
 
 def _create_residual_pool(result, runner, *args, **kwargs):
-    from sglang_forkkv.config import ForkKVConfig, is_enabled, validate_server_args
+    from sglang_forkkv.config import ForkKVConfig, is_enabled, private_layer_set, validate_server_args
     from sglang_forkkv.model_check import check_model_supported
     from sglang_forkkv.pool import ResidualPool, lora_max_rank
 
@@ -135,7 +145,10 @@ def _create_residual_pool(result, runner, *args, **kwargs):
     config = ForkKVConfig.from_server_args(server_args)
     kv_pool = runner.token_to_kv_pool
     num_layers = len(kv_pool.k_buffer)
-    max_rank = max(lora_max_rank(runner.model), 1)
+    qkv_rank = lora_max_rank(runner.model)  # 0: LoRA off, or no adapter targets q/k/v (MLP-only adapters)
+    max_rank = max(qkv_rank, 1)
+    k0, v0 = kv_pool.k_buffer[0], kv_pool.v_buffer[0]
+    private = private_layer_set(config.private_layers, num_layers)
     pool = ResidualPool(
         num_slots=int(runner.max_total_num_tokens * config.residual_ratio),
         max_rank=max_rank,
@@ -144,22 +157,26 @@ def _create_residual_pool(result, runner, *args, **kwargs):
         device=runner.device,
         max_reqs=runner.req_to_token_pool.req_to_token.shape[0],
         max_context_len=runner.req_to_token_pool.req_to_token.shape[1],
+        private_layers=private,
+        kv_head_shape=tuple(k0.shape[1:]),
     )
-    k0, v0 = kv_pool.k_buffer[0], kv_pool.v_buffer[0]
     pool.base_bytes_per_token = num_layers * (k0[0].numel() * k0.element_size() + v0[0].numel() * v0.element_size())
-    pool.bytes_per_residual_slot = ResidualPool.bytes_per_slot(max_rank, num_layers, pool.dtype)
+    private_cells = len(private) * (k0[0].numel() + v0[0].numel())
+    pool.bytes_per_residual_slot = ResidualPool.bytes_per_slot(max_rank, num_layers, pool.dtype, private_cells)
+    pool.attention_lora = qkv_rank > 0
     runner.forkkv_residual_pool = pool
     runner.forkkv_config = config
     logger.info(
-        "forkkv on (mode %s): base KV %d tokens x %d B, residual %d slots x %d B",
+        "forkkv on (mode %s): base KV %d tokens x %d B, residual %d slots x %d B, private layers %s",
         config.mode, runner.max_total_num_tokens, pool.base_bytes_per_token, pool.num_slots, pool.bytes_per_residual_slot,
+        sorted(private) or "none",
     )
 
 
 def _charge_residual_bytes(original, configurator, kvc, num_layers):
     """Bytes per base token, residual share included, so a memory-fraction-sized pool stays within budget
     and max_total_num_tokens reports the base tokens that really fit."""
-    from sglang_forkkv.config import ForkKVConfig, is_enabled
+    from sglang_forkkv.config import ForkKVConfig, is_enabled, private_layer_set
     from sglang_forkkv.pool import ResidualPool, lora_max_rank
 
     cell = original(configurator, kvc, num_layers)
@@ -167,6 +184,8 @@ def _charge_residual_bytes(original, configurator, kvc, num_layers):
         return cell
     config = ForkKVConfig.from_server_args(kvc.server_args)
     residual = ResidualPool.bytes_per_slot(max(lora_max_rank(kvc.model), 1), num_layers, kvc.kv_cache_dtype)
+    # a private layer holds a whole K/V entry per residual slot: one layer's share of the base cell
+    residual += len(private_layer_set(config.private_layers, num_layers)) * cell // num_layers
     return cell + int(residual * config.residual_ratio)
 
 
@@ -207,6 +226,7 @@ def _internal_state(result, scheduler, *args, **kwargs):
 
     if isinstance(scheduler.tree_cache, DualRadixTree):
         result.internal_state["forkkv"] = snapshot(scheduler.tree_cache)
+        result.internal_state["forkkv"]["residual_tokens_by_adapter"] = scheduler.tree_cache.residual_tokens_by_adapter()
     return result
 
 

@@ -8,6 +8,9 @@ Layout (DESIGN §4), read directly by the attention backends and the Triton kern
                        parallel to SGLang's req_to_token; meaningless for requests without an adapter.
   req_base_write_from  [max_reqs] int64  positions below this value use base entries some other request
                        wrote (recompute mode): the attention backend must not overwrite them.
+  private_kv[layer]    [num_slots + 1, 2, H_kv, D]  only for the private layers (--forkkv-private-layers): the
+                       adapter's whole K (after RoPE) and V of each residual slot, written by its own forward and
+                       read instead of base + residual in those layers.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class ResidualPool:
         device,
         max_reqs: int,
         max_context_len: int,
+        private_layers: frozenset = frozenset(),
+        kv_head_shape: tuple[int, int] = (0, 0),
     ):
         if max_rank <= 0:
             raise ValueError(f"residual pool needs a LoRA rank > 0, got {max_rank}")
@@ -85,6 +90,11 @@ class ResidualPool:
         self.buffers = [
             torch.zeros(num_slots + 1, 2 * max_rank, dtype=dtype, device=device) for _ in range(num_layers)
         ]
+        self.private_layers = frozenset(private_layers)
+        self.private_kv = {
+            layer: torch.zeros(num_slots + 1, 2, *kv_head_shape, dtype=dtype, device=device)
+            for layer in sorted(self.private_layers)
+        }
         self.allocator = ResidualAllocator(num_slots, device)
         self.req_to_residual = torch.zeros(max_reqs, max_context_len, dtype=torch.int32, device=device)
         self.req_base_write_from = torch.zeros(max_reqs, dtype=torch.int64, device=device)
@@ -93,18 +103,29 @@ class ResidualPool:
         # left the LoRA buffer before the forward (their slots are freed, not inserted).
         self.eager_writes: dict[int, list] = {}
         self.eager_failed: set = set()
+        # False where no loaded adapter can target q/k/v (no QKV LoRA buffer, e.g. MLP-only adapters): adapters then
+        # add nothing to K and V, and requests attend over the base entries alone (set by the plugin).
+        self.attention_lora = True
         logger.info(
             "forkkv residual pool: %d slots x %d layers x %d columns (%s) = %.1f MiB",
             num_slots, num_layers, 2 * max_rank, dtype, self.nbytes() / 2**20,
         )
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
+        return sum(b.numel() * b.element_size() for b in [*self.buffers, *self.private_kv.values()])
 
     @staticmethod
-    def bytes_per_slot(max_rank: int, num_layers: int, dtype: torch.dtype) -> int:
-        return 2 * max_rank * num_layers * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_slot(max_rank: int, num_layers: int, dtype: torch.dtype, private_kv_cells: int = 0) -> int:
+        """Bytes of one residual slot over all layers; ``private_kv_cells``: K and V elements of the private
+        layers (2 * H_kv * D each)."""
+        return (2 * max_rank * num_layers + private_kv_cells) * torch.tensor([], dtype=dtype).element_size()
 
     def write(self, layer_id: int, slots: torch.Tensor, residual: torch.Tensor):
         """residual [n, 2 * R_MAX] into slots [n] of one layer."""
         self.buffers[layer_id][slots] = residual.to(self.dtype)
+
+    def write_private(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """An adapter's whole k, v [n, H_kv, D] into slots [n] of a private layer."""
+        buffer = self.private_kv[layer_id]
+        buffer[slots, 0] = k.to(self.dtype)
+        buffer[slots, 1] = v.to(self.dtype)

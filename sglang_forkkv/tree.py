@@ -122,6 +122,8 @@ class DualRadixTree(RadixCache):
         self.residual_pool = residual_pool
         self.config = config
         self.lora_manager = lora_manager  # eager mode reads which adapters are resident
+        # residual slots the current scheduling round promised to admitted and running requests (scheduling.py)
+        self.residual_promised = 0
         # base node -> residual nodes pinned to it
         self._pins: dict[TreeNode, set] = {}
         super().__init__(params)
@@ -352,7 +354,10 @@ class DualRadixTree(RadixCache):
             end = eager.start + len(eager.slots)
             failed = (req.req_pool_idx, uid) in self.residual_pool.eager_failed
             self.residual_pool.eager_failed.discard((req.req_pool_idx, uid))
-            if insert and not failed and end <= len(token_ids):
+            # The adapter was unloaded between this request's scheduling and now (with the overlap scheduler the
+            # unload can land between a batch's planning and its insert): its namespace is dead, insert nothing.
+            unloaded = self.lora_manager is not None and uid not in self.lora_manager.loras
+            if insert and not failed and not unloaded and end <= len(token_ids):
                 value = torch.cat([eager.prefix.to(torch.int64), eager.slots.to(torch.int64)])
                 result = self.residual.insert(InsertParams(key=RadixKey(token_ids[:end], eager.residual_key), value=value))
                 self.residual.pin_new_nodes(result.last_device_node, req.extra_key)
@@ -361,6 +366,8 @@ class DualRadixTree(RadixCache):
             else:
                 self.residual_pool.allocator.free(eager.slots)
             self.residual.dec_lock_ref(eager.lock)
+            if unloaded:  # the unload's drop skipped the nodes this request locked; they are free to go now
+                self.residual.drop_namespace(eager.residual_key)
             del state.eager[uid]
 
     ##### Introspection #####
@@ -378,6 +385,18 @@ class DualRadixTree(RadixCache):
             # base entries no adapter uses.
             "per_adapter_equivalent_tokens": residual_tokens + base_tokens - covered,
         }
+
+    def residual_tokens_by_adapter(self) -> dict:
+        """Residual entries per adapter, by name where the adapter is loaded, else "<lora_id> (unloaded)"
+        (what an unload should have dropped). Walks the residual tree: introspection only, not per batch."""
+        refs = getattr(self.lora_manager, "lora_refs", None) or {}
+        out: dict = {}
+        for key, top in self.residual.root_node.children.items():
+            lora_id = key[0].rsplit("\x00forkkv-lora:", 1)[-1] if isinstance(key, tuple) else None
+            ref = refs.get(lora_id)
+            name = ref.lora_name if ref is not None else f"{lora_id} (unloaded)"
+            out[name] = out.get(name, 0) + len(top.value) + sum(len(n.value) for n in walk_nodes(top))
+        return out
 
     def check_invariants(self):
         """Assert the module-doc invariants; used by tests after every operation."""

@@ -28,11 +28,12 @@ def server_cmd(model_dir: str, port: int, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, *extra: str, timeout: float = 300):
-    """Yields the base URL once /health answers; the server's output goes to a log file next to it."""
+def running_server(model_dir: str, *extra: str, timeout: float = 300, env: dict | None = None):
+    """Yields the base URL once /health answers; the server's output goes to a log file next to it.
+    env: extra environment variables for the server."""
     port = free_port()
     log = open(f"/tmp/forkkv-server-{port}.log", "w+")
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", **(env or {}))
     proc = subprocess.Popen(server_cmd(model_dir, port, *extra), stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -63,3 +64,10 @@ def run_until_exit(model_dir: str, *extra: str, timeout: float = 300) -> tuple[i
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
     proc = subprocess.run(server_cmd(model_dir, port, *extra), capture_output=True, text=True, env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def server_log(url: str) -> str:
+    """What the server `running_server` started at `url` has logged so far."""
+    port = url.rsplit(":", 1)[1]
+    with open(f"/tmp/forkkv-server-{port}.log") as log:
+        return log.read()

@@ -168,3 +168,23 @@ def test_pressure_evicts_and_returns_every_slot(model_dir, adapter_dirs):
         assert sum(o["meta_info"]["prompt_tokens"] for o in outs) > s["base_capacity"]
     finally:
         engine.shutdown()
+
+
+def test_all_private_layers_make_every_agent_exact(model_dir, adapters, stock):
+    """--forkkv-private-layers all: each adapter reads only K/V its own forward wrote, so every agent sharing the
+    context (not only the first) generates what stock SGLang generates, while the base entries stay shared."""
+    engine = _engine(model_dir, adapters, forkkv=True, forkkv_private_layers="all")
+    try:
+        document = shared_document(40, seed=7)
+        for e in (engine, stock):
+            warm_up(e, ROLES)
+        outs = run_agents(engine, document)
+        want = run_agents(stock, document)
+        assert [o["output_ids"] for o in outs] == [w["output_ids"] for w in want]
+        for o in outs[1:]:
+            assert o["meta_info"]["cached_tokens"] >= prompt_tokens(engine, document)
+        s = stats(engine)
+        # a residual slot now carries 30 layers of whole K and V (576 floats each in SmolLM2) beside its residual
+        assert s["forkkv_bytes"] > s["residual_tokens"] * 30 * 2 * 192 * 4
+    finally:
+        engine.shutdown()
