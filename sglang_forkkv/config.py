@@ -22,7 +22,7 @@ UNSUPPORTED_OPTIONS = {
     # forkkv replaces SGLang's create_tree_cache, so these would otherwise be dropped without a word:
     "enable_lmcache": "forkkv's tree replaces the LMCache-backed radix cache this option selects",
     "enable_flexkv": "forkkv's tree replaces the FlexKV-backed radix cache this option selects",
-    "enable_streaming_session": "streaming sessions wrap SGLang's radix cache, and forkkv's tree is built without that wrapper",
+    "enable_streaming_session": "streaming sessions wrap SGLang's radix cache; forkkv's tree is built without them",
     "enable_session_radix_cache": "the session radix cache is a different tree from forkkv's",
 }
 

@@ -106,7 +106,8 @@ def words(model_dir):
 
 
 def generate(url, text, lora=None, max_new=8, timeout=300, sampling=None, **body):
-    payload = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new, **(sampling or {})}, **body}
+    sampling_params = {"temperature": 0, "max_new_tokens": max_new, **(sampling or {})}
+    payload = {"text": text, "sampling_params": sampling_params, **body}
     if lora is not None:
         payload["lora_path"] = lora
     return requests.post(url + "/generate", json=payload, timeout=timeout)
@@ -116,6 +117,22 @@ def output(url, text, lora=None, max_new=8, **body) -> dict:
     r = generate(url, text, lora, max_new, **body)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def generate_batch(url, texts: list, loras: list, max_new: int) -> list:
+    """One /generate call over several prompts (SGLang batches them), each with its own adapter."""
+    payload = {"text": texts, "lora_path": loras, "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}
+    r = requests.post(url + "/generate", json=payload, timeout=300)
+    assert r.status_code == 200, r.text
+    return [o["output_ids"] for o in r.json()]
+
+
+def load_adapter(url, name, path):
+    return requests.post(url + "/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120)
+
+
+def unload_adapter(url, name):
+    return requests.post(url + "/unload_lora_adapter", json={"lora_name": name}, timeout=300)
 
 
 def stream(url, text, lora=None, max_new=8, stop_after=None, on_chunk=None, sampling=None):
@@ -184,7 +201,8 @@ def ledger(word: str, records: int, seed: int) -> str:
 
 def copy_prompt(word: str, context: int, question: int) -> str:
     """A question the model answers by copying from the document (depends on every cached entry, no near-ties)."""
-    return f"{ledger(word, 3 + 4 * context, 20 + context)}\nQuestion: repeat record {question} exactly.\nRecord {question}: customer"
+    document = ledger(word, 3 + 4 * context, 20 + context)
+    return f"{document}\nQuestion: repeat record {question} exactly.\nRecord {question}: customer"
 
 
 ##### 1. Adapter churn #####
@@ -204,7 +222,7 @@ def test_adapter_churn_drops_residuals_and_never_reads_stale_ones(small, referen
     shared = ledger(words["churn_shared"][0], 3, seed=1) + "\nRecord 1: customer"
     got = {"shared": [], "private": [], "long": [], "other": [], "other_long": []}
     for k, path in enumerate(churn_dirs):
-        r = requests.post(small + "/load_lora_adapter", json={"lora_name": "churn", "lora_path": path}, timeout=120)
+        r = load_adapter(small, "churn", path)
         assert r.status_code == 200 and r.json()["success"], r.text
         private = ledger(words["churn_private"][k], 2, seed=2 + k) + "\nRecord 0: customer"
         long_prompt = ledger(words["churn_long"][k], 2, seed=5 + k) + "\nRecord 1: customer"
@@ -227,13 +245,14 @@ def test_adapter_churn_drops_residuals_and_never_reads_stale_ones(small, referen
             results[key] = stream(small, *args, **kw)
 
         threads = [
-            threading.Thread(target=run, args=("long", long_prompt, "churn", 24), kwargs={"on_chunk": lambda n: started.set()}),
+            threading.Thread(target=run, args=("long", long_prompt, "churn", 24),
+                             kwargs={"on_chunk": lambda n: started.set()}),
             threading.Thread(target=run, args=("other_long", fresh, "planner", 40)),
         ]
         for t in threads:
             t.start()
         assert started.wait(120), "churn request never started decoding"
-        r = requests.post(small + "/unload_lora_adapter", json={"lora_name": "churn"}, timeout=300)
+        r = unload_adapter(small, "churn")
         assert r.status_code == 200 and r.json()["success"], r.text
         for t in threads:
             t.join(300)
@@ -313,7 +332,8 @@ def test_pressure_many_forking_agents(small, words):
     """Four shared contexts (~140 tokens), six agents forking over each (five adapters, twins included, and the base
     model), twelve requests at a time with up to 48 new tokens each (100 for the base model's): several times the
     1200-token base pool and the 600-slot residual pool. Every request completes (admission control and eviction) or
-    is refused with a clear error, nothing hangs, and at idle every base and residual slot is free or held by a tree, none locked.
+    is refused with a clear error, nothing hangs, and at idle every base and residual slot is free or held by a tree,
+    none locked.
     Two requests probe the limits: a prompt over the residual pool (refused, naming --forkkv-residual-ratio) and one
     whose prompt plus max_new_tokens exceed it (its max_new_tokens clipped, as SGLang clips them for the base pool)."""
     rng = random.Random(4)
@@ -590,7 +610,8 @@ def odd_adapters(model_dir, tmp_path_factory) -> dict:
                 full[a_m] = a.clone()
                 rows = kv_rows if module == "k_proj" else b.shape[0]  # o_proj's output is q's size
                 full[a_m.replace("lora_A", "lora_B")] = b.new_zeros(rows, b.shape[1])
-    out["qv_full"] = _write_adapter(root / "qv_full", full, {**config, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    out["qv_full"] = _write_adapter(root / "qv_full", full, {**config, "target_modules": targets})
     alien = {k.replace("q_proj", "c_attn"): v for k, v in tensors.items() if "q_proj" in k}
     out["alien"] = _write_adapter(root / "alien", alien, {**config, "target_modules": ["c_attn"]})
     return out
@@ -601,23 +622,20 @@ def test_mixed_ranks_and_targets_in_one_batch(small, reference, odd_adapters, wo
     model: each of the first three equals the reference server's sequential output, and the q/v-only adapter equals
     its q/k/v/o twin (forkkv's residual reads k and v of the stacked x·A by rank: a q/v adapter has no k part)."""
     for name in ("qv", "qv_full"):
-        r = requests.post(small + "/load_lora_adapter", json={"lora_name": name, "lora_path": odd_adapters[name]}, timeout=120)
+        r = load_adapter(small, name, odd_adapters[name])
         assert r.status_code == 200 and r.json()["success"], r.text
     w = words["batch"]
     prompts = [copy_prompt(w[0], 1, 1), copy_prompt(w[1], 1, 2), copy_prompt(w[2], 1, 0), copy_prompt(w[3], 1, 1),
                copy_prompt(w[4], 1, 2), copy_prompt(w[4], 1, 2)]
     loras = ["planner", "coder", "critic", None, "qv", "qv_full"]
-    r = requests.post(small + "/generate", json={"text": prompts, "lora_path": loras,
-                                                  "sampling_params": {"temperature": 0, "max_new_tokens": 12}}, timeout=300)
-    assert r.status_code == 200, r.text
-    got = [o["output_ids"] for o in r.json()]
+    got = generate_batch(small, prompts, loras, 12)
     for prompt, lora, g in list(zip(prompts, loras, got))[:4]:
         assert g == output(reference, prompt, lora, 12)["output_ids"], lora
     assert got[4] == got[5]
     base = output(reference, prompts[4], None, 12)["output_ids"]  # a prompt the reference never saw: exact
     assert got[4] != base, "the q/v adapter changed nothing: the comparison above says nothing"
     for name in ("qv", "qv_full"):
-        assert requests.post(small + "/unload_lora_adapter", json={"lora_name": name}, timeout=300).json()["success"]
+        assert unload_adapter(small, name).json()["success"]
     idle_stats(small)
 
 
@@ -626,7 +644,7 @@ def test_bad_input_is_refused_clearly(small, odd_adapters, words):
     empty prompts, prompts over the context length and (forkkv's own limit) adapter prompts over the residual pool
     are refused per request with a 400 naming the reason. Nothing is left allocated and the server serves on."""
     for name, needle in (("big", "rank 32"), ("alien", "target modules")):
-        r = requests.post(small + "/load_lora_adapter", json={"lora_name": name, "lora_path": odd_adapters[name]}, timeout=120)
+        r = load_adapter(small, name, odd_adapters[name])
         assert r.status_code == 400 and needle in r.json()["error_message"], r.text
         r = generate(small, f"{words['bad'][0]} log: hello", name)
         assert r.status_code == 400 and name in r.text, r.text
@@ -660,15 +678,14 @@ def test_adapters_without_attention_targets(model_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    mlp = make_lora_adapter(tmp_path / "mlp", model_dir, rank=8, seed=401, target_modules=("gate_proj", "up_proj", "down_proj"))
+    mlp = make_lora_adapter(tmp_path / "mlp", model_dir, rank=8, seed=401,
+                            target_modules=("gate_proj", "up_proj", "down_proj"))
     prompts = [copy_prompt("Lanterns", 0, 1), copy_prompt("Orders", 0, 2)]
-    with running_server(model_dir, "--forkkv", "--max-loras-per-batch", "2", *_loras({"mlp": str(mlp)}), env=SERVER_ENV) as url:
+    loras = _loras({"mlp": str(mlp)})
+    with running_server(model_dir, "--forkkv", "--max-loras-per-batch", "2", *loras, env=SERVER_ENV) as url:
         got = [output(url, prompts[0], "mlp", 12)["output_ids"], output(url, prompts[1], None, 12)["output_ids"]]
         # both again in one batch, the adapter's prompt now sharing nothing new
-        r = requests.post(url + "/generate", json={"text": prompts, "lora_path": ["mlp", None],
-                                                    "sampling_params": {"temperature": 0, "max_new_tokens": 12}}, timeout=300)
-        assert r.status_code == 200, r.text
-        assert [o["output_ids"] for o in r.json()] == got
+        assert generate_batch(url, prompts, ["mlp", None], 12) == got
         assert "Scheduler hit an exception" not in server_log(url)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -721,6 +738,7 @@ def test_refuses_unsupported_options(model_dir, overrides, needle):
     from sglang.srt.server_args import ServerArgs
 
     load_plugins()
-    kwargs = {"model_path": model_dir, "device": "cpu", "forkkv": True, "attention_backend": "torch_native", **overrides}
+    kwargs = {"model_path": model_dir, "device": "cpu", "forkkv": True, "attention_backend": "torch_native",
+              **overrides}
     with pytest.raises(ValueError, match=re.escape(needle)):
         ServerArgs(**kwargs)

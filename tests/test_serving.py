@@ -5,9 +5,9 @@ uses its own prompts, so no test sees another's cache entries.
 """
 
 import pytest
-import sglang as sgl
+from _engine import start_engine, stop_engine
 
-from sglang_forkkv.cpu_engine import cpu_engine_kwargs, shared_document
+from sglang_forkkv.cpu_engine import shared_document
 
 GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 ROLES = ["planner", "coder", "critic"]
@@ -19,30 +19,25 @@ def adapters(adapter_dirs):
     return {**adapter_dirs, "twin": adapter_dirs["coder"]}
 
 
-def _engine(model_dir, adapters, **kw):
-    engine = sgl.Engine(**cpu_engine_kwargs(model_dir, adapters, **kw))
-    return engine
-
-
 @pytest.fixture(scope="module")
 def stock(model_dir, adapters):
-    engine = _engine(model_dir, adapters)
+    engine = start_engine(model_dir, adapters)
     yield engine
-    engine.shutdown()
+    stop_engine(engine)
 
 
 @pytest.fixture(scope="module")
 def recompute(model_dir, adapters):
-    engine = _engine(model_dir, adapters, forkkv=True, forkkv_mode="recompute")
+    engine = start_engine(model_dir, adapters, forkkv=True, forkkv_mode="recompute")
     yield engine
-    engine.shutdown()
+    stop_engine(engine)
 
 
 @pytest.fixture(scope="module")
 def eager(model_dir, adapters):
-    engine = _engine(model_dir, adapters, forkkv=True, forkkv_mode="eager")
+    engine = start_engine(model_dir, adapters, forkkv=True, forkkv_mode="eager")
     yield engine
-    engine.shutdown()
+    stop_engine(engine)
 
 
 def stats(engine) -> dict:
@@ -147,7 +142,7 @@ def test_twin_adapters_share_exactly(request, stock, mode):
 def test_pressure_evicts_and_returns_every_slot(model_dir, adapter_dirs):
     """A pool far smaller than the working set: every request completes through eviction, and at idle
     every base and residual slot is free or held by a tree, with nothing locked."""
-    engine = _engine(model_dir, adapter_dirs, forkkv=True, max_total_tokens=1600, forkkv_residual_ratio=1.5)
+    engine = start_engine(model_dir, adapter_dirs, forkkv=True, max_total_tokens=1600, forkkv_residual_ratio=1.5)
     try:
         documents = [shared_document(14, seed=10 + i) for i in range(4)]
         prompts, loras = [], []
@@ -167,13 +162,13 @@ def test_pressure_evicts_and_returns_every_slot(model_dir, adapter_dirs):
         # the working set did not fit: entries were evicted along the way
         assert sum(o["meta_info"]["prompt_tokens"] for o in outs) > s["base_capacity"]
     finally:
-        engine.shutdown()
+        stop_engine(engine)
 
 
 def test_all_private_layers_make_every_agent_exact(model_dir, adapters, stock):
     """--forkkv-private-layers all: each adapter reads only K/V its own forward wrote, so every agent sharing the
     context (not only the first) generates what stock SGLang generates, while the base entries stay shared."""
-    engine = _engine(model_dir, adapters, forkkv=True, forkkv_private_layers="all")
+    engine = start_engine(model_dir, adapters, forkkv=True, forkkv_private_layers="all")
     try:
         document = shared_document(40, seed=7)
         for e in (engine, stock):
@@ -187,4 +182,4 @@ def test_all_private_layers_make_every_agent_exact(model_dir, adapters, stock):
         # a residual slot now carries 30 layers of whole K and V (576 floats each in SmolLM2) beside its residual
         assert s["forkkv_bytes"] > s["residual_tokens"] * 30 * 2 * 192 * 4
     finally:
-        engine.shutdown()
+        stop_engine(engine)
