@@ -216,7 +216,9 @@ def residual_admits(adder, req) -> bool:
     need = residual_need(req)
     if need == 0:
         return True
-    room = tree.residual_pool.allocator.available_size() + tree.residual_evictable_size()
+    # Its own matched prefix is evictable now but locked from its admission on: not room it can use.
+    room = (tree.residual_pool.allocator.available_size() + tree.residual_evictable_size()
+            - tree.unlocked_residual_prefix(req.last_node))
     if reserved + need > room:
         return False
     _promise(adder, tree, need)

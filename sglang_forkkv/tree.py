@@ -317,6 +317,17 @@ class DualRadixTree(RadixCache):
     def residual_evictable_size(self) -> int:
         return self.residual.evictable_size()
 
+    def unlocked_residual_prefix(self, handle) -> int:
+        """Residual slots on the path to `handle`'s residual node that are still evictable: the part of
+        `residual_evictable_size()` a request matched there stops being evictable once it is admitted and locks it."""
+        node = _split_handle(handle)[1]
+        n = 0
+        while node is not None and node is not self.residual.root_node:
+            if node.lock_ref == 0:
+                n += len(node.key)
+            node = node.parent
+        return n
+
     def drop_adapter(self, lora_id: str) -> int:
         """Forget an adapter's residuals (unloaded or reloaded): frees its unlocked residual nodes."""
         freed = 0

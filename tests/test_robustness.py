@@ -376,6 +376,46 @@ def test_pressure_many_forking_agents(small, words):
     assert_healthy(small)
 
 
+def test_admission_counts_no_request_its_own_prefix_as_room():
+    """Unit level (the concurrency soak crashed the scheduler with "residual pool exhausted" once the earlier tests
+    had left residuals behind): a waiting request's matched residual prefix is evictable until its admission locks
+    it, so it is no room for the request's own new tokens. Residual pool of 10: 8 slots hold adapter a's entries of
+    a context (unlocked), 2 are free. A request of a extending the context by 3 tokens must wait (it can free only
+    what it does not read); a request of b with 3 tokens of its own, which may evict a's entries, is admitted and
+    gets its slots."""
+    from array import array
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from test_tree import FakeReq, Harness
+
+    from sglang_forkkv.scheduling import alloc_residual_slots, residual_admits
+
+    h = Harness(residual_slots=10)
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8]
+    h.start(ctx, "a")
+    h.finish(0)
+    assert (h.pool.allocator.available_size(), h.tree.residual_evictable_size()) == (2, 8)
+
+    def waiting(tokens, lora_id):
+        req = FakeReq(tokens, lora_id, row=1)
+        req.sampling_params = SimpleNamespace(max_new_tokens=0)
+        m = h.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), None, limit=len(tokens) - 1),
+                                                  req=req))
+        req.prefix_indices, req.last_node = m.device_indices, m.last_device_node
+        return req
+
+    follower = waiting(ctx + [9, 9, 9], "a")
+    assert len(follower.prefix_indices) == 8
+    assert not residual_admits(SimpleNamespace(tree_cache=h.tree, running_batch=None), follower)
+    other = waiting([20, 21, 22], "b")
+    assert residual_admits(SimpleNamespace(tree_cache=h.tree, running_batch=None), other)
+    h.tree.inc_lock_ref(other.last_node)  # as SGLang's add_one_req does next
+    assert len(alloc_residual_slots(h.tree, 3)) == 3
+    h.tree.dec_lock_ref(other.last_node)
+
+
 ##### 3. Aborts #####
 
 
