@@ -138,7 +138,8 @@ def table(summary: list[dict]) -> str:
             f"{100 * s['accuracy']:.1f}% | "
             + ("-" if s["exact_accuracy"] is None else f"{100 * (s['accuracy'] - s['exact_accuracy']):+.1f}") + " | "
             + ("-" if s["agreement"] is None else f"{100 * s['agreement']:.1f}%")
-            + " | " + ("-" if s["kl"] is None else f"{s['kl']:.4f}") + " | "
+            # an exact system's KL is float noise of either sign
+            + " | " + ("-" if s["kl"] is None else f"{max(s['kl'], 0.0):.4f}") + " | "
             + ("1.00x" if s["system"] == "stock" else (f"{s['kv_ratio']:.2f}x" if s["kv_ratio"] else "-")) + " |")
     return "\n".join(lines)
 
