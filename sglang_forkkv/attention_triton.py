@@ -8,8 +8,11 @@ residual pool, then attends with the ResidualAttention kernels, which rebuild ev
 
 B_k / B_v are views of SGLang's qkv LoRA B buffer, indexed by each request's LoRA buffer slot (-1: no
 adapter, plain attention over the base). Every key, the batch's own included, is read from the pools, so
-the stores come first. CUDA graphs are not supported: the plan is built on the host per batch, and
-config.validate_server_args refuses them under --forkkv.
+the stores come first.
+
+Decode runs under SGLang's decode CUDA graphs: the per-step metadata then lives in a DecodeGraphState
+(decode_graph.py) refreshed on the device before each replay. Extend builds its plan on the host per batch
+(eager fills, shared positions), so prefill CUDA graphs stay off (config.validate_server_args).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_forkkv.attention_common import ForkKVAttnMixin
+from sglang_forkkv.decode_graph import DecodeGraphState
+from sglang_forkkv.plan import CAPTURE
 from sglang_forkkv.kernels.residual_decode import PROGRAMS_PER_SM, choose_num_kv_splits, residual_decode
 from sglang_forkkv.kernels.residual_extend import residual_extend
 
@@ -37,14 +42,13 @@ class ForkKVTritonAttnBackend(ForkKVAttnMixin, AttentionBackend):
         self.kv_dtype = self.token_to_kv_pool.get_key_buffer(0).dtype
         self.cos_sin = None  # the model's RoPE table in the pool dtype, made on first use (module docstring)
         self.decode_scratch = torch.empty(0, dtype=torch.float32, device=self.device)
+        self.graph = None  # DecodeGraphState once SGLang's decode graph runner sets up
         self.meta = None
 
     def init_forward_metadata(self, forward_batch):
         """Plan plus the kernels' int32 per-request tensors, built once per batch for every layer."""
         plan = self.build_plan(forward_batch)
-        if self.cos_sin is None:
-            # bf16 table: half the bytes per K tile; 2-2.7x faster K+V decode than SGLang's fp32 table
-            self.cos_sin = self.cos_sin_cache.to(self.device, self.kv_dtype).contiguous()
+        self._make_cos_sin()
         bs = forward_batch.batch_size
         i32 = dict(dtype=torch.int32, device=self.device)
         meta = {
@@ -61,8 +65,7 @@ class ForkKVTritonAttnBackend(ForkKVAttnMixin, AttentionBackend):
                     scaling[slot] = s
             meta["scaling"] = torch.tensor(scaling, dtype=torch.float32, device=self.device)
         if forward_batch.forward_mode.is_decode():
-            splits = max(1, min(MAX_KV_SPLITS, math.ceil(PROGRAMS_PER_SM * self.num_sms / (
-                bs * self.token_to_kv_pool.head_num))))
+            splits = self._max_splits(bs)
             meta["num_kv_splits"] = choose_num_kv_splits(
                 meta["seq_lens"], self.token_to_kv_pool.head_num, splits, self.num_sms)
             meta["max_splits"] = splits
@@ -72,6 +75,54 @@ class ForkKVTritonAttnBackend(ForkKVAttnMixin, AttentionBackend):
             meta["qo_indptr"] = qo_indptr
             meta["max_extend_len"] = max(forward_batch.extend_seq_lens_cpu)
         self.meta = meta
+
+    def _make_cos_sin(self):
+        if self.cos_sin is None:
+            # bf16 table: half the bytes per K tile; 2-2.7x faster K+V decode than SGLang's fp32 table
+            self.cos_sin = self.cos_sin_cache.to(self.device, self.kv_dtype).contiguous()
+
+    def _max_splits(self, bs: int) -> int:
+        """KV splits per request: enough stage-1 programs to fill the SMs, at most MAX_KV_SPLITS."""
+        return max(1, min(MAX_KV_SPLITS, math.ceil(PROGRAMS_PER_SM * self.num_sms / (
+            bs * self.token_to_kv_pool.head_num))))
+
+    ##### Decode CUDA graphs (SGLang's decode graph runner calls these three) #####
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """Static buffers every captured batch size shares; the split-KV scratch is sized for the largest
+        bs x splits(bs) product and never reallocated (captured graphs hold its address)."""
+        self.graph = DecodeGraphState(max_bs, self.device)
+        h_q = self.model_runner.model_config.get_max_num_attention_heads()  # every rank's heads: an upper bound
+        d = self.token_to_kv_pool.get_key_buffer(0).shape[-1]
+        rows = max(bs * self._max_splits(bs) for bs in range(1, max_bs + 1))
+        self.graph_scratch = torch.empty(rows * h_q * (d + 1), dtype=torch.float32, device=self.device)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before capture and before every replay: refresh the graph buffers for this step (on the device) and
+        point the plan and meta at them. The eager path (init_forward_metadata) never comes here."""
+        if not forward_batch.forward_mode.is_decode():
+            raise ValueError(f"forkkv captures decode graphs only, got {forward_batch.forward_mode}")
+        self._make_cos_sin()
+        bs = forward_batch.batch_size
+        lora_manager = self.lora_manager
+        residuals = lora_manager is not None and self.residual_pool.attention_lora
+        lora_info = lora_manager.lora_backend.cuda_graph_batch_info if residuals else None
+        splits = self._max_splits(bs)
+        graph = self.graph
+        graph.refresh(forward_batch, lora_info, self.residual_pool.req_to_residual,
+                      self.token_to_kv_pool.head_num, splits, self.num_sms)
+        self.plan = graph.plan(bs, residuals)
+        CAPTURE.plan = self.plan
+        self.meta = {
+            "req_pool_indices": graph.req_pool_indices[:bs], "seq_lens": graph.seq_lens[:bs],
+            "lora_slot": graph.lora_slot[:bs], "scaling": lora_info.scalings if residuals else None,
+            "num_kv_splits": graph.num_kv_splits, "max_splits": splits, "scratch": self.graph_scratch,
+        }
+
+    ##### Forward #####
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         q_, o, args = self._prepare(q, k, v, layer, forward_batch, save_kv_cache)
@@ -84,10 +135,13 @@ class ForkKVTritonAttnBackend(ForkKVAttnMixin, AttentionBackend):
         bs, h_q, d = q_.shape
         splits = self.meta["max_splits"]
         logits_numel, lse_numel = bs * h_q * splits * d, bs * h_q * splits
-        if self.decode_scratch.numel() < logits_numel + lse_numel:
-            self.decode_scratch = torch.empty(logits_numel + lse_numel, dtype=torch.float32, device=self.device)
-        attn_logits = self.decode_scratch[:logits_numel].view(bs, h_q, splits, d)
-        attn_lse = self.decode_scratch[logits_numel : logits_numel + lse_numel].view(bs, h_q, splits)
+        scratch = self.meta.get("scratch")
+        if scratch is None:
+            if self.decode_scratch.numel() < logits_numel + lse_numel:
+                self.decode_scratch = torch.empty(logits_numel + lse_numel, dtype=torch.float32, device=self.device)
+            scratch = self.decode_scratch
+        attn_logits = scratch[:logits_numel].view(bs, h_q, splits, d)
+        attn_lse = scratch[logits_numel : logits_numel + lse_numel].view(bs, h_q, splits)
         residual_decode(q_, *args, o=o, attn_logits=attn_logits, attn_lse=attn_lse,
                         num_kv_splits=self.meta["num_kv_splits"])
         return o.view(q.shape[0], -1)

@@ -132,23 +132,38 @@ def validate_server_args(server_args) -> None:
     if any_private(getattr(server_args, "forkkv_private_layers", "")) and server_args.attention_backend != "torch_native":
         raise ValueError("--forkkv-private-layers is implemented in the torch_native attention backend only; "
                          f"got --attention-backend {server_args.attention_backend!r}")
-    if server_args.device != "cpu" and not cuda_graphs_disabled(server_args):
+    if server_args.device != "cpu":
+        validate_cuda_graphs(server_args)
+
+
+def validate_cuda_graphs(server_args) -> None:
+    """Decode CUDA graphs run the Triton path (decode_graph.py); extend builds its plan on the host per batch."""
+    if not cuda_graph_off(server_args, "prefill"):
         raise ValueError(
-            "--forkkv builds its attention plan on the host for every batch and does not support CUDA graphs: "
-            "pass --disable-cuda-graph (or --cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)"
+            "--forkkv does not support prefill CUDA graphs (its extend plan is built on the host for every batch): "
+            "pass --disable-prefill-cuda-graph (decode CUDA graphs are supported)"
         )
+    if cuda_graph_off(server_args, "decode"):
+        return
+    if server_args.attention_backend != "triton" or server_args.decode_attention_backend not in (None, "triton"):
+        raise ValueError("--forkkv runs decode CUDA graphs with --attention-backend triton only: pass "
+                         "--disable-decode-cuda-graph with another backend")
+    if (server_args.enable_lora or server_args.lora_paths) and server_args.lora_backend != "triton":
+        raise ValueError("--forkkv runs decode CUDA graphs with --lora-backend triton only (it reads that backend's "
+                         f"graph batch info), got {server_args.lora_backend!r}: pass --disable-decode-cuda-graph")
 
 
-def cuda_graphs_disabled(server_args) -> bool:
-    """Whether both decode and prefill CUDA graphs are off, read from SGLang 0.5.17's flags before it resolves them."""
-    off = {
-        "decode": server_args.disable_decode_cuda_graph or server_args.cuda_graph_backend_decode == "disabled",
-        "prefill": server_args.disable_prefill_cuda_graph or server_args.cuda_graph_backend_prefill == "disabled",
-    }
+def cuda_graph_off(server_args, phase: str) -> bool:
+    """Whether the decode or prefill CUDA graph is off, read from SGLang 0.5.17's flags before it resolves them
+    (and after: the flags stay as given)."""
+    if server_args.disable_cuda_graph:
+        return True
+    off = getattr(server_args, f"disable_{phase}_cuda_graph") or getattr(
+        server_args, f"cuda_graph_backend_{phase}") == "disabled"
     explicit = server_args.cuda_graph_config  # JSON wins over the per-phase flags (SGLang's precedence)
     if explicit is not None and not isinstance(explicit, dict):
         explicit = explicit.to_dict()
-    for phase, settings in (explicit or {}).items():
-        if isinstance(settings, dict) and "backend" in settings:
-            off[phase] = settings["backend"] == "disabled"
-    return bool(server_args.disable_cuda_graph) or all(off.values())
+    settings = (explicit or {}).get(phase)
+    if isinstance(settings, dict) and "backend" in settings:
+        off = str(getattr(settings["backend"], "value", settings["backend"])) == "disabled"
+    return bool(off)

@@ -45,15 +45,16 @@ class ForkKVPlan:
     """Token and request metadata of one forward batch.
 
     Per request i: lora_slot[i] (LoRA buffer slot, -1 without adapter), rank[i], scaling[i]
-    (1.0 where the LoRA backend already folds the scaling into x·A, as torch_native does).
+    (1.0 where the LoRA backend already folds the scaling into x·A, as torch_native does); these three
+    host lists are None in a CUDA-graph decode plan (decode_graph.py), which keeps them on the device.
     Per token t of the batch: token_req[t] (its request), positions[t], token_rank[t] (0 without adapter),
     write_base[t] (False where the position's base entry belongs to the tree, recompute mode),
     residual_rows / residual_slots: which tokens carry a residual and the residual slots they are written to.
     """
 
-    lora_slot: list
-    rank: list
-    scaling: list
+    lora_slot: Optional[list]
+    rank: Optional[list]
+    scaling: Optional[list]
     token_req: torch.Tensor
     positions: torch.Tensor
     token_rank: torch.Tensor

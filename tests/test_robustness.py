@@ -766,6 +766,10 @@ def test_adapters_without_attention_targets(model_dir, tmp_path):
         ({"enable_streaming_session": True}, "--enable-streaming-session"),
         ({"enable_session_radix_cache": True}, "--enable-session-radix-cache"),
         ({"disaggregation_mode": "prefill"}, "--disaggregation-mode"),
+        ({"device": "cuda", "attention_backend": "triton"}, "--disable-prefill-cuda-graph"),
+        ({"device": "cuda", "disable_prefill_cuda_graph": True}, "decode CUDA graphs with --attention-backend triton"),
+        ({"device": "cuda", "attention_backend": "triton", "disable_prefill_cuda_graph": True, "enable_lora": True,
+          "lora_backend": "torch_native"}, "decode CUDA graphs with --lora-backend triton"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -782,3 +786,29 @@ def test_refuses_unsupported_options(model_dir, overrides, needle):
               **overrides}
     with pytest.raises(ValueError, match=re.escape(needle)):
         ServerArgs(**kwargs)
+
+
+@pytest.mark.parametrize("flags", [{"disable_prefill_cuda_graph": True}, {"disable_cuda_graph": True},
+                                   {"cuda_graph_backend_prefill": "disabled"}])
+def test_accepts_decode_cuda_graphs_on_the_gpu_path(model_dir, flags):
+    """Decode CUDA graphs are supported with triton attention and LoRA (prefill graphs off): the checks pass on
+    the GPU settings (validated on a copy of a CPU-built ServerArgs with the device switched)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_forkkv.config import validate_server_args
+
+    load_plugins()
+    built = ServerArgs(model_path=model_dir, device="cpu", forkkv=True, attention_backend="torch_native")
+    args = SimpleNamespace(**{f.name: getattr(built, f.name) for f in dataclasses.fields(ServerArgs)})
+    args.device, args.attention_backend, args.enable_lora, args.lora_backend = "cuda", "triton", True, "triton"
+    args.disable_cuda_graph, args.cuda_graph_config = False, None  # as given on a GPU launch: nothing resolved yet
+    for name, value in flags.items():
+        setattr(args, name, value)
+    validate_server_args(args)
+    args.disable_prefill_cuda_graph, args.disable_cuda_graph, args.cuda_graph_backend_prefill = False, False, None
+    with pytest.raises(ValueError, match="--disable-prefill-cuda-graph"):
+        validate_server_args(args)

@@ -11,6 +11,10 @@ greedy requests (G = 32 tokens, ignore_eos):
   twin       a0 prefills a context, then `twin` (a0's weights under another name) forks over it: sharing between
              identical adapters must match a0's own output
 Reports, per group: greedy token agreement with stock and |first-token logprob - stock's|.
+
+With --graphs a third server runs forkkv with decode CUDA graphs (the other two run without graphs) and every
+group is compared with the graph-free forkkv server too: the same kernels replayed from a graph must give the
+same tokens.
 """
 
 import argparse
@@ -53,6 +57,7 @@ def main():
     p.add_argument("--loras", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="recompute")
+    p.add_argument("--graphs", action="store_true", help="also a forkkv server with decode CUDA graphs")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,11 +69,18 @@ def main():
     def tokens(n):
         return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    common = GPU_FLAGS + ["--mem-fraction-static", "0.35", "--max-total-tokens", "65536"]
-    specs = [(common, out / "server-stock.log"),
-             (common + ["--forkkv", "--forkkv-mode", args.mode], out / f"server-forkkv-{args.mode}.log")]
+    base = [f for f in GPU_FLAGS if f != "--disable-cuda-graph"] + [
+        "--mem-fraction-static", "0.28" if args.graphs else "0.35", "--max-total-tokens", "65536"]
+    forkkv = ["--forkkv", "--forkkv-mode", args.mode]
+    specs = [(base + ["--disable-cuda-graph"], out / "server-stock.log"),
+             (base + ["--disable-cuda-graph"] + forkkv, out / f"server-forkkv-{args.mode}.log")]
+    if args.graphs:
+        specs.append((base + ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "16"] + forkkv,
+                      out / f"server-forkkv-{args.mode}-graphs.log"))
     report = []
-    with servers(args.model, adapters, specs) as (stock_url, forkkv_url):
+    with servers(args.model, adapters, specs) as urls:
+        stock_url, forkkv_url = urls[:2]
+        systems = [("stock", stock_url), ("forkkv", forkkv_url)] + ([("graphs", urls[2])] if args.graphs else [])
         own = [(tokens(300 + 37 * i), lora) for i, lora in enumerate(["a0", "a1", "a2", "a3", None])]
         ctx = tokens(1500)
         writer = [(ctx + tokens(32), "a0")]
@@ -76,7 +88,7 @@ def main():
         ctx2, tail = tokens(1200), tokens(32)
         twin_first, twin_second = [(ctx2 + tail, "a0")], [(ctx2 + tail, "twin")]
         results = {}
-        for name, url in (("stock", stock_url), ("forkkv", forkkv_url)):
+        for name, url in systems:
             r = {"own": run_all(url, own), "writer": run_all(url, writer), "forks": run_all(url, forks),
                  "twin_first": run_all(url, twin_first), "twin_second": run_all(url, twin_second)}
             results[name] = r
@@ -90,9 +102,14 @@ def main():
     report.append({"group": "forks cached tokens (forkkv / stock)",
                    "forkkv": [x["cached"] for x in f["forks"] + f["twin_second"]],
                    "stock": [x["cached"] for x in s["forks"] + s["twin_second"]]})
+    if args.graphs:
+        g = results["graphs"]
+        for key, label in (("own", "own prompts"), ("writer", "writer a0"), ("forks", "forks a1..a3"),
+                           ("twin_second", "twin after a0")):
+            report.append(compare(f"decode graphs vs none: {label}", g[key], f[key]))
     report.append({"group": "forkkv counters", **{k: stats[k] for k in
                    ("base_hit_tokens", "residual_hit_tokens", "base_tokens", "residual_tokens")}})
-    (out / f"correctness-{args.mode}.json").write_text(json.dumps(report, indent=1))
+    (out / f"correctness-{args.mode}{'-graphs' if args.graphs else ''}.json").write_text(json.dumps(report, indent=1))
     for row in report:
         print(json.dumps(row))
 
