@@ -18,6 +18,7 @@ Workflows are independent: a workflow's next round waits for its own agents only
 
 Systems (one server each, started and stopped here; `ceiling` reuses the stock server after /flush_cache):
     stock      SGLang 0.5.17 as shipped: the prefix cache is keyed by adapter, so every agent prefills C
+    nocache    stock with --disable-radix-cache: nothing is reused, not even an agent's own prefix across rounds
     ceiling    stock with every agent on adapter 0: the context is shared, no residuals (unsafe: wrong adapter)
     recompute  --forkkv --forkkv-mode recompute: shared base entries, each agent recomputes its residuals
     eager      --forkkv --forkkv-mode eager: the first prefill of a context writes every resident adapter's residuals
@@ -74,14 +75,16 @@ import urllib.request
 from pathlib import Path
 
 # Base GPU flags, without any CUDA graph flag: `graph_flags` adds the one setting every system of a run shares.
+# --grammar-backend none: the GPU wheelhouse carries an xgrammar stand-in (bench/gpu/make_room.sh)
 GPU_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--lora-backend", "triton",
-             "--skip-tokenizer-init"]
+             "--skip-tokenizer-init", "--grammar-backend", "none"]
 CPU_FLAGS = ["--device", "cpu", "--dtype", "float32", "--attention-backend", "torch_native", "--lora-backend",
              "torch_native", "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
              "--skip-tokenizer-init", "--max-total-tokens", "8192"]
 SYSTEM_FLAGS = {
     "stock": [],
     "ceiling": [],
+    "nocache": ["--disable-radix-cache"],
     "recompute": ["--forkkv", "--forkkv-mode", "recompute"],
     "eager": ["--forkkv", "--forkkv-mode", "eager"],
 }
@@ -551,9 +554,12 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"{max(args.agents)} agents need as many adapters, got {len(names)}: {names}")
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEM_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; known: {list(SYSTEM_FLAGS)}")
     results = []
     # stock and ceiling share one server (the ceiling run follows a /flush_cache)
-    groups = [[s for s in systems if s in ("stock", "ceiling")]] + [[s] for s in systems if s in ("recompute", "eager")]
+    groups = [[s for s in systems if s in ("stock", "ceiling")]] + [[s] for s in systems if s in ("nocache", "recompute", "eager")]
     for group in filter(None, groups):
         flags = base_flags + LOG_FLAGS + args.extra.split() + SYSTEM_FLAGS[group[0]]
         if group[0] in ("recompute", "eager"):

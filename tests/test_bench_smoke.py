@@ -38,6 +38,19 @@ def test_forkkv_recompute_smoke(e2e, tmp_path, model_dir):
     assert [r["system"] for r in e2e.json.loads((tmp_path / "e2e.json").read_text())] == ["recompute"]
 
 
+def test_stock_without_radix_cache_smoke(e2e, tmp_path, model_dir):
+    (res,) = e2e.main(["--cpu", "--systems", "nocache", "--no-progress", "--out", str(tmp_path)])
+    agents, context, suffix, gen = 2, 64, e2e.SUFFIX_TOKENS, 4
+    assert (res["system"], res["requests"], res["output_tokens"]) == ("nocache", agents, agents * gen)
+    # no radix cache: no prompt token is ever served from a cache
+    assert res["prefill_tokens_computed"] == res["prompt_tokens"] == agents * (context + suffix)
+    assert "peak_residual_slots" not in res and res["retracted_reqs"] == 0
+    # (two agents on two adapters share nothing on stock either: that the server ran without the cache is its command)
+    assert "--disable-radix-cache" in (tmp_path / "server-nocache.log").read_text().splitlines()[0].split()
+    with pytest.raises(ValueError, match="unknown systems"):
+        e2e.main(["--cpu", "--systems", "stock,typo", "--out", str(tmp_path)])
+
+
 def expected_prompt_digests(e2e, records: list, workflows: int, agents: int, context: int, vocab: int, seed: int):
     """What each (workflow, round, agent) must have sent, rebuilt here from the seeded random draws and the output
     ids the run recorded: round r+1's shared context = round r's + every agent's outputs of round r, in agent order."""

@@ -2,6 +2,8 @@
 # lays the forkkv-patched server_args.py over it (.gpu/overlay, from this machine's patched .venv: the device has
 # no `patch`), stages sglang_forkkv with its kernels and entry point (as `pip install` would lay them out) and
 # exports PYTHONPATH.
+# .gpu is built by `bash ../shared/gpu/wheelhouse.sh .gpu && bash bench/gpu/make_room.sh` (xgrammar replaced by a
+# raise-on-use stand-in to fit the 64 MiB carry): start servers with --grammar-backend none (see make_room.sh).
 eval "$(bash .gpu/device-setup.sh | tail -n1)"
 cp .gpu/overlay/server_args.py /tmp/site/sglang/srt/server_args.py
 FORKKV_STAGE=/tmp/forkkv-stage
