@@ -88,6 +88,7 @@ SYSTEM_FLAGS = {
     "recompute": ["--forkkv", "--forkkv-mode", "recompute"],
     "eager": ["--forkkv", "--forkkv-mode", "eager"],
 }
+FORKKV_SYSTEMS = ("recompute", "eager")
 # One decode log line a step (SGLang's default is one per 40): peak_running_reqs and peak_kv_tokens read them, and
 # G = 128 would leave three samples per request. A short line a step (its cost not measured on the GPU); `--extra
 # "--decode-log-interval 40"` restores the default (--extra comes later on the command line).
@@ -331,10 +332,14 @@ def ids_digest(ids: list) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
 
 
+def first_token_time(res: dict) -> float:
+    return next(t for t, n in res["chunks"] if n >= 1)
+
+
 def request_record(res: dict, t0: float) -> dict:
     """One line of the per-request file (requests-*.jsonl); times in s from the start of the run."""
     meta = res["meta"]
-    first = next(t for t, n in res["chunks"] if n >= 1)
+    first = first_token_time(res)
     return {"workflow": res["workflow"], "round": res["round"], "agent": res["agent"],
             "start_s": res["start"] - t0, "ttft_s": first - res["start"], "latency_s": res["end"] - res["start"],
             "prompt_tokens": meta["prompt_tokens"], "cached_tokens": meta["cached_tokens"],
@@ -344,8 +349,7 @@ def request_record(res: dict, t0: float) -> dict:
 def latency_metrics(results: list) -> dict:
     ttft, itl = [], []
     for res in results:
-        first = next(t for t, n in res["chunks"] if n >= 1)
-        ttft.append(first - res["start"])
+        ttft.append(first_token_time(res) - res["start"])
         for (t_a, n_a), (t_b, n_b) in zip(res["chunks"], res["chunks"][1:]):
             if n_b > n_a:
                 itl.extend([(t_b - t_a) / (n_b - n_a)] * (n_b - n_a))
@@ -456,7 +460,7 @@ def run_system(args, system: str, url: str, log_path: Path, names: list, vocab: 
     arrivals = poisson_arrivals(args.workflows, rate, args.seed)
     mode = "closed" if rate is None else f"{rate:g}/s"
     res = run_once(url, plans, names, args.gen, same_adapter=system == "ceiling",
-                   poll=system in ("recompute", "eager"), rounds=args.rounds, arrivals=arrivals, vocab=vocab,
+                   poll=system in FORKKV_SYSTEMS, rounds=args.rounds, arrivals=arrivals, vocab=vocab,
                    seed=seed, progress=not args.no_progress, desc=f"{system} N={len(names)} R={args.rounds} {mode}")
     info = json.loads(urllib.request.urlopen(url + "/get_server_info", timeout=30).read())
     capacity = int(info["internal_states"][0]["memory_usage"]["token_capacity"])
@@ -559,10 +563,10 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"unknown systems {unknown}; known: {list(SYSTEM_FLAGS)}")
     results = []
     # stock and ceiling share one server (the ceiling run follows a /flush_cache)
-    groups = [[s for s in systems if s in ("stock", "ceiling")]] + [[s] for s in systems if s in ("nocache", "recompute", "eager")]
+    groups = [[s for s in systems if s in ("stock", "ceiling")]] + [[s] for s in systems if s in ("nocache", *FORKKV_SYSTEMS)]
     for group in filter(None, groups):
         flags = base_flags + LOG_FLAGS + args.extra.split() + SYSTEM_FLAGS[group[0]]
-        if group[0] in ("recompute", "eager"):
+        if group[0] in FORKKV_SYSTEMS:
             flags += args.forkkv_extra.split()
         log_path = out / f"server-{'-'.join(group)}.log"
         with servers(model, {n: adapters[n] for n in names}, [(flags, log_path)], cpu=args.cpu) as (url,):

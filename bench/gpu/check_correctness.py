@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from e2e import GPU_FLAGS, forkkv_stats, post, servers  # noqa: E402
+from e2e import GPU_FLAGS, forkkv_stats, graph_flags, post, servers  # noqa: E402
 
 GEN = 32
 
@@ -69,13 +69,14 @@ def main():
     def tokens(n):
         return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    base = [f for f in GPU_FLAGS if f != "--disable-cuda-graph"] + [
+    base = GPU_FLAGS + [
         "--mem-fraction-static", "0.28" if args.graphs else "0.35", "--max-total-tokens", "65536"]
     forkkv = ["--forkkv", "--forkkv-mode", args.mode]
-    specs = [(base + ["--disable-cuda-graph"], out / "server-stock.log"),
-             (base + ["--disable-cuda-graph"] + forkkv, out / f"server-forkkv-{args.mode}.log")]
+    no_graphs = graph_flags("off", 0)
+    specs = [(base + no_graphs, out / "server-stock.log"),
+             (base + no_graphs + forkkv, out / f"server-forkkv-{args.mode}.log")]
     if args.graphs:
-        specs.append((base + ["--disable-prefill-cuda-graph", "--cuda-graph-max-bs", "16"] + forkkv,
+        specs.append((base + graph_flags("decode", 16) + forkkv,
                       out / f"server-forkkv-{args.mode}-graphs.log"))
     report = []
     with servers(args.model, adapters, specs) as urls:
