@@ -35,6 +35,8 @@ Shapes (B requests, H_q = G * H_kv query heads, head dim D, R_MAX residual colum
     o                 [B, H_q, D] pool dtype (written)
     attn_logits       [>= B, H_q, MAX_SPLITS, D] float32 scratch; attn_lse [>= B, H_q, MAX_SPLITS] float32 scratch
     num_kv_splits     [>= B] int32, each in [1, MAX_SPLITS] (values outside are clamped); see choose_num_kv_splits
+    cascade           optional residual_cascade.CascadePlan: the first cascade.max_splits split slots then hold each
+                      group's shared prefix, the rest each request's own keys (launcher docstring)
 
 Not supported: page size > 1, logit cap, sinks, sliding window, D not a power of two, R_MAX > 128, seq_len 0,
 block_n > 32 with a V residual (Triton 3.6 miscompiled it on sm_90; see check_block_n). Residual columns past an
@@ -54,9 +56,43 @@ PROGRAMS_PER_SM = 8  # stage-1 programs per SM: best overall on an H100 at 32K x
 
 
 @triton.jit
+def rope_pair_dims(BLOCK_HALF: tl.constexpr, ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Head dims of the two members of each rotation pair (neox: the two halves; otherwise interleaved), padded to
+    BLOCK_HALF: (offs_half, mask_half, idx_a, idx_b)."""
+    offs_half = tl.arange(0, BLOCK_HALF)
+    mask_half = offs_half < ROT_HALF
+    if IS_NEOX:
+        idx_a = offs_half
+        idx_b = offs_half + ROT_HALF
+    else:
+        idx_a = 2 * offs_half
+        idx_b = 2 * offs_half + 1
+    return offs_half, mask_half, idx_a, idx_b
+
+
+@triton.jit
+def softmax_tile(qk, m_i, l_i):
+    """Online softmax over one key tile of base-2 scores qk [rows, keys]: (new max, rescale of the old
+    accumulators, probabilities, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def merge_partial(m_i, l_i, acc, part_lse, part):
+    """Fold one split's normalised partial (and its natural-log LSE) into the running (max, sum, output)."""
+    m_new = tl.maximum(m_i, part_lse)
+    alpha = tl.exp(m_i - m_new)
+    w = tl.exp(part_lse - m_new)
+    return m_new, l_i * alpha + w, acc * alpha + w * part
+
+
+@triton.jit
 def _residual_decode_kernel(
     Q, K_Buffer, V_Buffer, R_Buffer,
-    Req_To_Token, Req_To_Residual, Req_Pool_Indices, Seq_Lens, Lora_Slot,
+    Req_To_Token, Req_To_Residual, Req_Pool_Indices, Seq_Lens, Kv_Start, Lora_Slot,
     B_K, B_V, Scaling, Cos_Sin, Num_Kv_Splits,
     Att_Out, Att_Lse,
     sm_scale_log2,
@@ -72,9 +108,9 @@ def _residual_decode_kernel(
     stride_lse_b, stride_lse_h, stride_lse_s,
     GROUP: tl.constexpr, D: tl.constexpr,
     ROT_HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RK: tl.constexpr, MAX_SPLITS: tl.constexpr,
     IS_NEOX: tl.constexpr, HAS_K_RESIDUAL: tl.constexpr, HAS_V_RESIDUAL: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_START: tl.constexpr,
 ):
     cur_batch = tl.program_id(0)
     cur_kv_head = tl.program_id(1)
@@ -83,8 +119,11 @@ def _residual_decode_kernel(
     req = tl.load(Req_Pool_Indices + cur_batch).to(tl.int64)
     seq_len = tl.load(Seq_Lens + cur_batch)
     kv_splits = tl.minimum(tl.maximum(tl.load(Num_Kv_Splits + cur_batch), 1), MAX_SPLITS)
-    split_len = tl.cdiv(tl.cdiv(seq_len, kv_splits), BLOCK_N) * BLOCK_N
-    split_start = split_len * split_id
+    kv_start = 0
+    if HAS_START:  # keys [0, kv_start) are the cascade kernel's (a shared prefix read once for the group)
+        kv_start = tl.load(Kv_Start + cur_batch)
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_start, kv_splits), BLOCK_N) * BLOCK_N
+    split_start = kv_start + split_len * split_id
     split_end = tl.minimum(split_start + split_len, seq_len)
     if split_end <= split_start:
         return
@@ -103,25 +142,21 @@ def _residual_decode_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     # masks are built from integer bounds, not `& has_res`: the CPU interpreter mis-types a scalar bool in `&`
     mask_r = offs_r < tl.where(has_res, R_MAX, 0)
+    # K's residual columns are the reduction dim of B_k R_k, where 16 wide is fine (BLOCK_R's padding is for P R_v)
+    offs_rk = tl.arange(0, BLOCK_RK)
+    mask_rk = offs_rk < tl.where(has_res, R_MAX, 0)
     res_end = tl.where(has_res, split_end, 0)
     k_head = K_Buffer + cur_kv_head * stride_k_h
     v_head = V_Buffer + cur_kv_head * stride_v_h
 
     # prologue: q (split into rotation-pair halves when K is rebuilt) and this head's B_k, held for the whole split
     if HAS_K_RESIDUAL:
-        offs_half = tl.arange(0, BLOCK_HALF)
-        mask_half = offs_half < ROT_HALF
-        if IS_NEOX:
-            idx_a = offs_half
-            idx_b = offs_half + ROT_HALF
-        else:
-            idx_a = 2 * offs_half
-            idx_b = 2 * offs_half + 1
+        offs_half, mask_half, idx_a, idx_b = rope_pair_dims(BLOCK_HALF, ROT_HALF, IS_NEOX)
         q_a = tl.load(q_row + idx_a[None, :], mask=mask_h[:, None] & mask_half[None, :], other=0.0)
         q_b = tl.load(q_row + idx_b[None, :], mask=mask_h[:, None] & mask_half[None, :], other=0.0)
-        bk_head = B_K + lora_i * stride_bk_s + (cur_kv_head * D) * stride_bk_row + offs_r[None, :] * stride_bk_r
-        bk_a = tl.load(bk_head + idx_a[:, None] * stride_bk_row, mask=mask_half[:, None] & mask_r[None, :], other=0.0)
-        bk_b = tl.load(bk_head + idx_b[:, None] * stride_bk_row, mask=mask_half[:, None] & mask_r[None, :], other=0.0)
+        bk_head = B_K + lora_i * stride_bk_s + (cur_kv_head * D) * stride_bk_row + offs_rk[None, :] * stride_bk_r
+        bk_a = tl.load(bk_head + idx_a[:, None] * stride_bk_row, mask=mask_half[:, None] & mask_rk[None, :], other=0.0)
+        bk_b = tl.load(bk_head + idx_b[:, None] * stride_bk_row, mask=mask_half[:, None] & mask_rk[None, :], other=0.0)
         # scaling folded into B once here rather than into every tile's product
         bk_a = (bk_a.to(tl.float32) * scaling).to(bk_a.dtype)
         bk_b = (bk_b.to(tl.float32) * scaling).to(bk_b.dtype)
@@ -129,7 +164,8 @@ def _residual_decode_kernel(
             offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_PASS)
             mask_p = offs_p < D
             q_p = tl.load(q_row + offs_p[None, :], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-            bk_p = tl.load(bk_head + offs_p[:, None] * stride_bk_row, mask=mask_p[:, None] & mask_r[None, :], other=0.0)
+            bk_p = tl.load(bk_head + offs_p[:, None] * stride_bk_row, mask=mask_p[:, None] & mask_rk[None, :],
+                           other=0.0)
             bk_p = (bk_p.to(tl.float32) * scaling).to(bk_p.dtype)
     else:
         q = tl.load(q_row + offs_d[None, :], mask=mask_h[:, None], other=0.0)
@@ -149,7 +185,7 @@ def _residual_decode_kernel(
 
         # stage 1: scores, with K = K_base + RoPE(s R_k B_k^T) built here, transposed ([dims, BLOCK_N])
         if HAS_K_RESIDUAL:
-            rk = tl.load(res_row[None, :] + offs_r[:, None], mask=mask_r[:, None] & mask_n[None, :],
+            rk = tl.load(res_row[None, :] + offs_rk[:, None], mask=mask_rk[:, None] & mask_n[None, :],
                          other=0.0).to(bk_a.dtype)
             d_a = tl.dot(bk_a, rk, input_precision=DOT_PRECISION)
             d_b = tl.dot(bk_b, rk, input_precision=DOT_PRECISION)
@@ -175,10 +211,7 @@ def _residual_decode_kernel(
         qk = tl.where(mask_n[None, :], qk * sm_scale_log2, float("-inf"))
 
         # stage 2: online softmax; P R_v rides beside P V_base under the same rescaling
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = softmax_tile(qk, m_i, l_i)
         v = tl.load(v_head + kv_loc[:, None] * stride_v_slot + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         if HAS_V_RESIDUAL:
@@ -202,17 +235,15 @@ def _residual_decode_kernel(
 
 @triton.jit
 def _residual_decode_merge_kernel(
-    Att_Out, Att_Lse, Seq_Lens, Num_Kv_Splits, O,
+    Att_Out, Att_Lse, Seq_Lens, Num_Kv_Splits, Kv_Start, Cascade_Splits, O,
     stride_mid_b, stride_mid_h, stride_mid_s,
     stride_lse_b, stride_lse_h, stride_lse_s,
     stride_o_b, stride_o_h,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr, CASCADE_SPLITS: tl.constexpr,
 ):
     cur_batch = tl.program_id(0)
     cur_head = tl.program_id(1)
     seq_len = tl.load(Seq_Lens + cur_batch)
-    kv_splits = tl.minimum(tl.maximum(tl.load(Num_Kv_Splits + cur_batch), 1), MAX_SPLITS)
-    split_len = tl.cdiv(tl.cdiv(seq_len, kv_splits), BLOCK_N) * BLOCK_N  # same split as stage 1
     offs_d = tl.arange(0, D)
     mid = Att_Out + cur_batch.to(tl.int64) * stride_mid_b + cur_head * stride_mid_h + offs_d
     lse = Att_Lse + cur_batch.to(tl.int64) * stride_lse_b + cur_head * stride_lse_h
@@ -220,16 +251,23 @@ def _residual_decode_merge_kernel(
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([D], dtype=tl.float32)
+    kv_start = 0
+    if CASCADE_SPLITS > 0:
+        # the group's shared prefix, cut as the cascade kernel cut it, in split slots [0, CASCADE_SPLITS)
+        kv_start = tl.load(Kv_Start + cur_batch)
+        c_splits = tl.minimum(tl.maximum(tl.load(Cascade_Splits + cur_batch), 1), CASCADE_SPLITS)
+        c_len = tl.cdiv(tl.cdiv(kv_start, c_splits), BLOCK_N) * BLOCK_N
+        for split_id in range(0, c_splits):
+            if c_len * split_id < kv_start:  # kv_start 0: no cascade part
+                m_i, l_i, acc = merge_partial(m_i, l_i, acc, tl.load(lse + split_id * stride_lse_s),
+                                              tl.load(mid + split_id * stride_mid_s))
+    own_len = seq_len - kv_start
+    kv_splits = tl.minimum(tl.maximum(tl.load(Num_Kv_Splits + cur_batch), 1), MAX_SPLITS)
+    split_len = tl.cdiv(tl.cdiv(own_len, kv_splits), BLOCK_N) * BLOCK_N  # same split as stage 1
     for split_id in range(0, kv_splits):
-        if split_len * split_id < seq_len:  # empty splits wrote nothing
-            part_lse = tl.load(lse + split_id * stride_lse_s)
-            part = tl.load(mid + split_id * stride_mid_s)
-            m_new = tl.maximum(m_i, part_lse)
-            alpha = tl.exp(m_i - m_new)
-            w = tl.exp(part_lse - m_new)
-            acc = acc * alpha + w * part
-            l_i = l_i * alpha + w
-            m_i = m_new
+        if split_len * split_id < own_len:  # empty splits wrote nothing
+            m_i, l_i, acc = merge_partial(m_i, l_i, acc, tl.load(lse + (CASCADE_SPLITS + split_id) * stride_lse_s),
+                                          tl.load(mid + (CASCADE_SPLITS + split_id) * stride_mid_s))
     o_row = O + cur_batch.to(tl.int64) * stride_o_b + cur_head * stride_o_h
     tl.store(o_row + offs_d, (acc / l_i).to(O.dtype.element_ty))
 
@@ -304,6 +342,11 @@ def residual_block_r(r_max: int) -> int:
     return max(32, triton.next_power_of_2(r_max))
 
 
+def residual_block_rk(r_max: int) -> int:
+    """K's residual tile width: the reduction dim of B_k R_k, R_MAX padded to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(r_max))
+
+
 def check_block_n(block_n: int, b_v: Optional[torch.Tensor]) -> None:
     """Key tiles of 64 or more with the V residual on gave wrong results or faults on an H100 (Triton 3.6), in
     extend at 4 and 8 warps; 16 and 32 were right in every configuration tried (bench/RESULTS.md, Kernels)."""
@@ -326,9 +369,14 @@ def residual_decode(
     b_k: Optional[torch.Tensor], b_v: Optional[torch.Tensor], scaling: torch.Tensor,
     cos_sin_cache: torch.Tensor, is_neox: bool, sm_scale: float,
     o: torch.Tensor, attn_logits: torch.Tensor, attn_lse: torch.Tensor, num_kv_splits: torch.Tensor,
-    block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
+    block_n: int = 32, num_warps: int = 4, num_stages: int = 3, cascade=None, block_rk: Optional[int] = None,
 ) -> torch.Tensor:
-    """Decode attention over rebuilt per-adapter K/V (module docstring); writes and returns o [B, H_q, D]."""
+    """Decode attention over rebuilt per-adapter K/V (module docstring); writes and returns o [B, H_q, D].
+
+    cascade: a residual_cascade.CascadePlan: each group's shared prefix is read once by the cascade kernel into
+    split slots [0, cascade.max_splits) and each request's own keys [kv_start, seq_len) into the slots after them
+    (so attn_logits / attn_lse hold cascade.max_splits + the own-part splits); num_kv_splits then counts the own
+    part's splits (choose_num_kv_splits over seq_lens - kv_start)."""
     h_kv, d, r_max, rot_dim = check_residual_inputs(
         q, k_buffer, v_buffer, r_buffer, req_to_token, req_to_residual, b_k, b_v, scaling, cos_sin_cache, o)
     batch, h_q, _ = q.shape
@@ -342,6 +390,8 @@ def residual_decode(
            f"attn_logits must be float32 [>= {batch}, {h_q}, MAX_SPLITS, {d}], got {attn_logits.dtype} "
            f"{tuple(attn_logits.shape)}")
     max_splits = attn_logits.shape[2]
+    c_splits = cascade.max_splits if cascade is not None else 0
+    _check(max_splits > c_splits, f"attn_logits holds {max_splits} splits, the cascade alone takes {c_splits}")
     _check(attn_lse.dtype == torch.float32 and attn_lse.dim() == 3 and attn_lse.shape[0] >= batch
            and tuple(attn_lse.shape[1:]) == (h_q, max_splits),
            f"attn_lse must be float32 [>= {batch}, {h_q}, {max_splits}], got {attn_lse.dtype} {tuple(attn_lse.shape)}")
@@ -352,11 +402,20 @@ def residual_decode(
     # an unused pointer still needs a tensor; it is never read when its HAS_* flag is off
     b_k_arg = b_k if b_k is not None else r_buffer.new_empty((1, 1, 1))
     b_v_arg = b_v if b_v is not None else r_buffer.new_empty((1, 1, 1))
-    _residual_decode_kernel[(batch, h_kv, max_splits)](
+    if cascade is not None:
+        from .residual_cascade import residual_cascade  # imports this module's helpers
+
+        residual_cascade(q, k_buffer, v_buffer, r_buffer, req_to_token, req_to_residual, req_pool_indices, lora_slot,
+                         b_k, b_v, scaling, cos_sin_cache, is_neox, sm_scale, cascade, attn_logits, attn_lse,
+                         h_kv, d, r_max, rot_dim, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                         block_rk=block_rk)
+    own_logits, own_lse = attn_logits[:, :, c_splits:], attn_lse[:, :, c_splits:]
+    kv_start = cascade.kv_start if cascade is not None else seq_lens
+    _residual_decode_kernel[(batch, h_kv, max_splits - c_splits)](
         q, k_buffer, v_buffer, r_buffer,
-        req_to_token, req_to_residual, req_pool_indices, seq_lens, lora_slot,
+        req_to_token, req_to_residual, req_pool_indices, seq_lens, kv_start, lora_slot,
         b_k_arg, b_v_arg, scaling, cos_sin_cache, num_kv_splits,
-        attn_logits, attn_lse,
+        own_logits, own_lse,
         sm_scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
@@ -369,19 +428,21 @@ def residual_decode(
         attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
         GROUP=group, D=d, ROT_HALF=rot_half, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        R_MAX=r_max, BLOCK_R=residual_block_r(r_max), MAX_SPLITS=max_splits,
+        R_MAX=r_max, BLOCK_R=residual_block_r(r_max), BLOCK_RK=block_rk or residual_block_rk(r_max),
+        MAX_SPLITS=max_splits - c_splits,
         IS_NEOX=bool(is_neox), HAS_K_RESIDUAL=b_k is not None, HAS_V_RESIDUAL=b_v is not None,
         HAS_RESIDUAL=b_k is not None or b_v is not None,
         BLOCK_N=block_n, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_START=cascade is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     _residual_decode_merge_kernel[(batch, h_q)](
-        attn_logits, attn_lse, seq_lens, num_kv_splits, o,
+        attn_logits, attn_lse, seq_lens, num_kv_splits, kv_start,
+        cascade.splits if cascade is not None else num_kv_splits, o,
         attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
         o.stride(0), o.stride(1),
-        D=d, BLOCK_N=block_n, MAX_SPLITS=max_splits,
+        D=d, BLOCK_N=block_n, MAX_SPLITS=max_splits - c_splits, CASCADE_SPLITS=c_splits,
         num_warps=4, num_stages=2,
     )
     return o

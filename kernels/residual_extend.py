@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .residual_decode import check_block_n, check_residual_inputs, residual_block_r, rope_blocks
+from .residual_decode import (check_block_n, check_residual_inputs, residual_block_r, rope_blocks,
+                              rope_pair_dims, softmax_tile)
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
@@ -96,14 +97,7 @@ def _residual_extend_kernel(
 
     # prologue: q (split into rotation-pair halves when K is rebuilt) and this head's B_k, held for the whole loop
     if HAS_K_RESIDUAL:
-        offs_half = tl.arange(0, BLOCK_HALF)
-        mask_half = offs_half < ROT_HALF
-        if IS_NEOX:
-            idx_a = offs_half
-            idx_b = offs_half + ROT_HALF
-        else:
-            idx_a = 2 * offs_half
-            idx_b = 2 * offs_half + 1
+        offs_half, mask_half, idx_a, idx_b = rope_pair_dims(BLOCK_HALF, ROT_HALF, IS_NEOX)
         q_a = tl.load(q_row + idx_a[None, :], mask=mask_m[:, None] & mask_half[None, :], other=0.0)
         q_b = tl.load(q_row + idx_b[None, :], mask=mask_m[:, None] & mask_half[None, :], other=0.0)
         bk_head = B_K + lora_i * stride_bk_s + (cur_kv_head * D) * stride_bk_row + offs_r[None, :] * stride_bk_r
@@ -179,10 +173,7 @@ def _residual_extend_kernel(
 
             # stage 2: online softmax; P R_v rides beside P V_base under the same rescaling. Every row sees key 0
             # in the first tile, so m_i is finite from then on and exp2 never meets (-inf) - (-inf).
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            m_new, alpha, p, l_i = softmax_tile(qk, m_i, l_i)
             v = tl.load(v_head + kv_loc[:, None] * stride_v_slot + offs_d[None, :], mask=mask_n[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             if HAS_V_RESIDUAL:
