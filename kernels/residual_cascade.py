@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .residual_decode import (PROGRAMS_PER_SM, check_block_n, residual_block_r, residual_block_rk, rope_blocks,
-                              rope_pair_dims, softmax_tile)
+from .residual_decode import (LOG2E, MIN_SPLIT_TOKENS, PROGRAMS_PER_SM, check_block_n, residual_block_r,
+                              residual_block_rk, rope_blocks, rope_pair_dims, softmax_tile, store_partial,
+                              tensor_or_placeholder)
 
 MIN_CASCADE_PREFIX = 256  # a shorter shared prefix saves less than its extra partials and merge cost
 MAX_CASCADE_SPLITS = 32  # splits of a group's prefix at most: 32K keys / 32 = 1K keys a program
@@ -116,7 +117,7 @@ def plan_cascade(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq
     groups = ((sub == idx) & (kv_start > 0)).sum().clamp(min=1)
     programs = groups * num_kv_heads
     per_group = ((PROGRAMS_PER_SM * num_sms + programs - 1) // programs).clamp(1, max_splits)
-    splits = torch.minimum(((kv_start + 255) // 256).clamp(min=1), per_group)
+    splits = torch.minimum(((kv_start + MIN_SPLIT_TOKENS - 1) // MIN_SPLIT_TOKENS).clamp(min=1), per_group)
 
     plan = out.view(batch) if out is not None else CascadePlan.empty(batch, agents, device)
     if plan.agents != agents or plan.max_splits != max_splits:
@@ -126,6 +127,13 @@ def plan_cascade(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq
     plan.kv_start.copy_(kv_start)
     plan.splits.copy_(splits)
     return plan
+
+
+@triton.jit
+def member_lora(members, a, Lora_Slot):
+    """Batch index of a group's a-th member and its LoRA slot (-1: no such member, or no adapter)."""
+    m_a = tl.load(members + a)
+    return m_a, tl.load(Lora_Slot + tl.maximum(m_a, 0), mask=m_a >= 0, other=-1)
 
 
 @triton.jit
@@ -213,8 +221,7 @@ def _residual_cascade_kernel(
             cos = tl.load(cs_row + offs_half[:, None], mask=mask_rot, other=0.0).to(tl.float32)
             sin = tl.load(cs_row + ROT_HALF + offs_half[:, None], mask=mask_rot, other=0.0).to(tl.float32)
             for a in tl.static_range(AGENTS):
-                m_a = tl.load(members + a)
-                lora_a = tl.load(Lora_Slot + tl.maximum(m_a, 0), mask=m_a >= 0, other=-1)
+                m_a, lora_a = member_lora(members, a, Lora_Slot)
                 if lora_a >= 0:
                     lora_ai = lora_a.to(tl.int64)
                     req_a = tl.load(Req_Pool_Indices + m_a).to(tl.int64)
@@ -248,8 +255,7 @@ def _residual_cascade_kernel(
         if HAS_V_RESIDUAL:
             acc_rv = acc_rv * alpha[:, None]
             for a in tl.static_range(AGENTS):
-                m_a = tl.load(members + a)
-                lora_a = tl.load(Lora_Slot + tl.maximum(m_a, 0), mask=m_a >= 0, other=-1)
+                m_a, lora_a = member_lora(members, a, Lora_Slot)
                 if lora_a >= 0:
                     req_a = tl.load(Req_Pool_Indices + m_a).to(tl.int64)
                     res_loc = tl.load(Req_To_Residual + req_a * stride_rtr_req + offs_n, mask=mask_n, other=0)
@@ -262,8 +268,7 @@ def _residual_cascade_kernel(
     # epilogue: each agent's (P R_v) s B_v^T on its rows, then every member's normalised partial and LSE
     if HAS_V_RESIDUAL:
         for a in tl.static_range(AGENTS):
-            m_a = tl.load(members + a)
-            lora_a = tl.load(Lora_Slot + tl.maximum(m_a, 0), mask=m_a >= 0, other=-1)
+            m_a, lora_a = member_lora(members, a, Lora_Slot)
             if lora_a >= 0:
                 lora_ai = lora_a.to(tl.int64)
                 bv = tl.load(B_V + lora_ai * stride_bv_s + (cur_kv_head * D + offs_d)[None, :] * stride_bv_row
@@ -273,9 +278,8 @@ def _residual_cascade_kernel(
                 acc += tl.dot(part, bv, input_precision=DOT_PRECISION)
     mid = (Att_Out + member_i[:, None] * stride_mid_b + row_head[:, None] * stride_mid_h + split_id * stride_mid_s
            + offs_d[None, :])
-    tl.store(mid, acc / l_i[:, None], mask=row_ok[:, None])
     lse = Att_Lse + member_i * stride_lse_b + row_head * stride_lse_h + split_id * stride_lse_s
-    tl.store(lse, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    store_partial(mid, lse, acc, m_i, l_i, row_ok)
 
 
 def residual_cascade(q, k_buffer, v_buffer, r_buffer, req_to_token, req_to_residual, req_pool_indices, lora_slot,
@@ -292,8 +296,7 @@ def residual_cascade(q, k_buffer, v_buffer, r_buffer, req_to_token, req_to_resid
     check_block_n(block_n, b_v)
     group = h_q // h_kv
     rot_half, block_half, _ = rope_blocks(d, rot_dim)
-    b_k_arg = b_k if b_k is not None else r_buffer.new_empty((1, 1, 1))
-    b_v_arg = b_v if b_v is not None else r_buffer.new_empty((1, 1, 1))
+    b_k_arg, b_v_arg = tensor_or_placeholder(b_k, r_buffer), tensor_or_placeholder(b_v, r_buffer)
     rows = max(16, triton.next_power_of_2(plan.agents * group))
     _residual_cascade_kernel[(batch, h_kv, plan.max_splits)](
         q, k_buffer, v_buffer, r_buffer,
@@ -301,7 +304,7 @@ def residual_cascade(q, k_buffer, v_buffer, r_buffer, req_to_token, req_to_resid
         plan.members, plan.kv_start, plan.splits,
         b_k_arg, b_v_arg, scaling, cos_sin_cache,
         attn_logits, attn_lse,
-        sm_scale * 1.4426950408889634,
+        sm_scale * LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

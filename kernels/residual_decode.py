@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its partial write and merge than it saves
 PROGRAMS_PER_SM = 8  # stage-1 programs per SM: best overall on an H100 at 32K x batch 1/4/16 (bench/kernels.py)
 
@@ -78,6 +78,14 @@ def softmax_tile(qk, m_i, l_i):
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def store_partial(mid, lse, acc, m_i, l_i, mask):
+    """One split's normalised partial output (mid [rows, D] pointers) and its natural-log LSE (lse [rows]), the
+    pair merge_partial folds back together."""
+    tl.store(mid, acc / l_i[:, None], mask=mask[:, None])
+    tl.store(lse, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask)
 
 
 @triton.jit
@@ -228,9 +236,8 @@ def _residual_decode_kernel(
     cur_q_head = cur_kv_head * GROUP + offs_h
     mid = (Att_Out + cur_batch.to(tl.int64) * stride_mid_b + cur_q_head[:, None] * stride_mid_h
            + split_id * stride_mid_s + offs_d[None, :])
-    tl.store(mid, acc / l_i[:, None], mask=mask_h[:, None])
     lse = Att_Lse + cur_batch.to(tl.int64) * stride_lse_b + cur_q_head * stride_lse_h + split_id * stride_lse_s
-    tl.store(lse, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_h)
+    store_partial(mid, lse, acc, m_i, l_i, mask_h)
 
 
 @triton.jit
@@ -354,6 +361,12 @@ def check_block_n(block_n: int, b_v: Optional[torch.Tensor]) -> None:
            f"block_n must be 16 or 32 with a V residual (64/128 only without), got {block_n}")
 
 
+def tensor_or_placeholder(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """An optional kernel operand: a pointer argument still needs a tensor when its HAS_* flag compiles it out
+    (it is never read then)."""
+    return t if t is not None else like.new_empty((1, 1, 1))
+
+
 def rope_blocks(d: int, rot_dim: int):
     """(ROT_HALF, BLOCK_HALF, BLOCK_PASS): the two rotated half-tiles and the pass-through tile, padded for tl.dot."""
     rot_half = rot_dim // 2
@@ -399,9 +412,7 @@ def residual_decode(
     check_block_n(block_n, b_v)
     group = h_q // h_kv
     rot_half, block_half, block_pass = rope_blocks(d, rot_dim)
-    # an unused pointer still needs a tensor; it is never read when its HAS_* flag is off
-    b_k_arg = b_k if b_k is not None else r_buffer.new_empty((1, 1, 1))
-    b_v_arg = b_v if b_v is not None else r_buffer.new_empty((1, 1, 1))
+    b_k_arg, b_v_arg = tensor_or_placeholder(b_k, r_buffer), tensor_or_placeholder(b_v, r_buffer)
     if cascade is not None:
         from .residual_cascade import residual_cascade  # imports this module's helpers
 
@@ -416,7 +427,7 @@ def residual_decode(
         req_to_token, req_to_residual, req_pool_indices, seq_lens, kv_start, lora_slot,
         b_k_arg, b_v_arg, scaling, cos_sin_cache, num_kv_splits,
         own_logits, own_lse,
-        sm_scale * _LOG2E,
+        sm_scale * LOG2E,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),

@@ -32,10 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .residual_decode import (check_block_n, check_residual_inputs, residual_block_r, rope_blocks,
-                              rope_pair_dims, softmax_tile)
+from .residual_decode import (LOG2E, check_block_n, check_residual_inputs, residual_block_r, rope_blocks,
+                              rope_pair_dims, softmax_tile, tensor_or_placeholder)
 
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -230,14 +229,13 @@ def residual_extend(
     check_block_n(block_n, b_v)
     tokens_per_block = block_m // group
     rot_half, block_half, block_pass = rope_blocks(d, rot_dim)
-    b_k_arg = b_k if b_k is not None else r_buffer.new_empty((1, 1, 1))  # never read when its HAS_* flag is off
-    b_v_arg = b_v if b_v is not None else r_buffer.new_empty((1, 1, 1))
+    b_k_arg, b_v_arg = tensor_or_placeholder(b_k, r_buffer), tensor_or_placeholder(b_v, r_buffer)
     grid = (batch, h_kv, triton.cdiv(max_extend_len, tokens_per_block))
     _residual_extend_kernel[grid](
         q, o, k_buffer, v_buffer, r_buffer,
         req_to_token, req_to_residual, req_pool_indices, seq_lens, qo_indptr, lora_slot,
         b_k_arg, b_v_arg, scaling, cos_sin_cache,
-        sm_scale * _LOG2E,
+        sm_scale * LOG2E,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
