@@ -9,10 +9,12 @@ role it reports task accuracy, greedy agreement with stock SGLang (the exact per
 all equal), the mean KL(stock || system) of the first answer token's next-token distribution (full vocabulary), and
 the KV the three agents held against what stock holds for them.
 
-Systems: ``stock`` (no --forkkv), ``recompute`` and ``eager`` (--forkkv-mode), ``private:SPEC`` (recompute with the
-layers of --forkkv-private-layers SPEC kept per adapter, e.g. ``private:last:15``) and ``base-model`` (recompute, the
-ledger first prefilled by a request without an adapter, so the adapter-free model writes the base and every agent
-approximates alike). Orders: ``forward`` (extract, count, check) and ``reverse``.
+Systems: ``stock`` (no --forkkv), or --forkkv as parts joined by ``+``: ``recompute`` or ``eager`` (--forkkv-mode;
+recompute if neither), ``private:SPEC`` (the layers of --forkkv-private-layers SPEC kept per adapter, e.g.
+``private:last:15``) and ``base-model`` (the ledger first prefilled by a request without an adapter, so the
+adapter-free model writes the base and every agent reads it alike: what sharing-aware adapters are trained for, see
+train.py). For example ``base-model+private:last:15``. Orders: ``forward`` (extract, count, check) and ``reverse``.
+``--adapters`` picks the adapter set: ``adapters`` (plain) or ``adapters-aware`` (sharing-aware).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ _spec = importlib.util.spec_from_file_location("bench_e2e", HERE.parent / "e2e.p
 e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(e2e)
 
-ADAPTERS_DIR = HERE / "adapters"
 CPU_FLAGS = ["--device", "cpu", "--dtype", "float32", "--attention-backend", "torch_native", "--lora-backend",
              "torch_native", "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
              "--sleep-on-idle", "--max-loras-per-batch", str(len(tasks.ROLES) + 1), "--log-level", "warning"]
@@ -45,11 +46,19 @@ MAX_NEW_TOKENS = 6
 def system_flags(system: str) -> list[str]:
     if system == "stock":
         return []
-    mode = "eager" if system == "eager" else "recompute"
-    flags = ["--forkkv", "--forkkv-mode", mode]
-    if system.startswith("private:"):
-        flags += ["--forkkv-private-layers", system.split(":", 1)[1]]
+    parts = system.split("+")
+    unknown = [p for p in parts if p not in ("recompute", "eager", "base-model") and not p.startswith("private:")]
+    if unknown:
+        raise ValueError(f"unknown system part(s) {unknown} in {system!r}")
+    flags = ["--forkkv", "--forkkv-mode", "eager" if "eager" in parts else "recompute"]
+    for part in parts:
+        if part.startswith("private:"):
+            flags += ["--forkkv-private-layers", part.split(":", 1)[1]]
     return flags
+
+
+def base_model_writes(system: str) -> bool:
+    return "base-model" in system.split("+")
 
 
 def ask(url: str, case: tasks.Case, vocab: int) -> dict:
@@ -78,11 +87,11 @@ def run_system(url: str, system: str, lengths: list[int], ledgers: int, orders: 
     rows = []
     for length in lengths:
         # stock is exact whatever the order; with the base model as writer every agent is a follower
-        for order in orders if system not in ("stock", "base-model") else ["forward"]:
+        for order in orders if system != "stock" and not base_model_writes(system) else ["forward"]:
             started = time.time()
             for index, cases in enumerate(tasks.split("test", ledgers, length)):
                 e2e.post(url, "/flush_cache")
-                if system == "base-model":
+                if base_model_writes(system):
                     e2e.post(url, "/generate", {"text": cases[0].document,
                                                 "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
                 by_role = {c.role: c for c in cases}
@@ -116,7 +125,8 @@ def summarise(rows: list[dict]) -> list[dict]:
               and "kv" in r]
         out.append({
             "system": system, "length": length, "order": order, "role": role, "cases": len(members),
-            "first_in_order": role != "all" and ORDERS[order][0] == role,
+            # the agent that prefilled the ledger (none where the adapter-free model did)
+            "first_in_order": role != "all" and ORDERS[order][0] == role and not base_model_writes(system),
             "accuracy": sum(r["correct"] for r in members) / len(members),
             # stock's accuracy on the same cases: the exact reference of this row's loss
             "exact_accuracy": sum(ref["correct"] for _, ref in paired) / len(paired) if paired else None,
@@ -147,21 +157,28 @@ def table(summary: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=["stock", "recompute", "eager"],
-                        help="stock, recompute, eager, base-model, private:SPEC")
+                        help="stock, or +-joined parts of recompute, eager, base-model, private:SPEC")
     parser.add_argument("--lengths", nargs="+", type=int, default=[1000])
     parser.add_argument("--ledgers", type=int, default=40)
     parser.add_argument("--orders", nargs="+", default=["forward", "reverse"], choices=list(ORDERS))
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--reuse", action="store_true", help="load systems already run into --out instead of rerunning")
     parser.add_argument("--model", default=None, help="HF folder (default: sglang_forkkv.model_prep's)")
+    parser.add_argument("--adapters", default="adapters", choices=["adapters", "adapters-aware"],
+                        help="the adapter set under bench/quality/ (plain, or sharing-aware)")
     args = parser.parse_args(argv)
     if "stock" not in args.systems:
         parser.error("stock is the reference of agreement and KL: include it")
+    for system in args.systems:
+        try:
+            system_flags(system)
+        except ValueError as error:
+            parser.error(str(error))
     from sglang_forkkv.model_prep import prepare_model
 
     model = args.model or str(prepare_model())
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    adapters = {role: str(ADAPTERS_DIR / role) for role in tasks.ROLES}
+    adapters = {role: str(HERE / args.adapters / role) for role in tasks.ROLES}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pool = ["--max-total-tokens", str(4 * max(args.lengths) + 4096)]
