@@ -38,8 +38,8 @@ def accuracy(rows) -> float:
 def runs(evaluate, model_dir):
     stock, forkkv = answers(evaluate, model_dir), answers(evaluate, model_dir, "--forkkv")
     assert len(stock) == len(forkkv) == LEDGERS * len(evaluate.tasks.ROLES)
-    exact = sum(r["correct"] for r in stock) / len(stock)
-    shared = sum(r["correct"] for r in forkkv) / len(forkkv)
+    exact = accuracy(stock)
+    shared = accuracy(forkkv)
     agree = sum(a["output_ids"] == b["output_ids"] for a, b in zip(stock, forkkv)) / len(stock)
     print(f"accuracy: stock {exact:.3f}, forkkv default {shared:.3f}; greedy agreement {agree:.3f}")
     return stock, forkkv
@@ -48,7 +48,7 @@ def runs(evaluate, model_dir):
 def test_first_agent_exact_and_followers_share(runs):
     stock, forkkv = runs
     # the adapters learned their roles (else the comparison says nothing)
-    assert sum(r["correct"] for r in stock) / len(stock) >= 0.6
+    assert accuracy(stock) >= 0.6
     for s, f in zip(stock, forkkv):
         if f["position"] == 0:  # the agent that prefilled its ledger answers exactly as stock
             assert f["output_ids"] == s["output_ids"]
@@ -61,8 +61,8 @@ def test_first_agent_exact_and_followers_share(runs):
                    "day the gap closes this test fails until the marker goes")
 def test_default_mode_within_two_points_of_exact(runs):
     stock, forkkv = runs
-    exact = sum(r["correct"] for r in stock) / len(stock)
-    shared = sum(r["correct"] for r in forkkv) / len(forkkv)
+    exact = accuracy(stock)
+    shared = accuracy(forkkv)
     assert shared >= exact - 0.02
 
 
